@@ -1,0 +1,23 @@
+"""forkexec: fork-based parallel execution for Python.
+
+* :class:`ForkExchangeExecutor` - a drop-in ``concurrent.futures`` executor.
+* The native, pprocess-style layer: :class:`Channel`, :func:`create`,
+  :func:`start`, :func:`waitall`, :class:`Exchange`, :class:`Queue`,
+  :class:`Map`, :func:`pmap`, :class:`MakeParallel`, :class:`MakeReusable`.
+"""
+
+from .channel import Channel, create, start, waitall
+from .cpus import usable_cpus
+from .errors import (ChannelBroken, ChannelClosed, ChannelError, ProtocolError,
+                     RemoteTraceback, WorkerDiedError)
+from .exchange import (Exchange, MakeParallel, MakeReusable, ManagedCallable, Map,
+                       Queue, pmap)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Channel", "ChannelBroken", "ChannelClosed", "ChannelError", "Exchange",
+    "MakeParallel", "MakeReusable", "ManagedCallable", "Map", "ProtocolError", "Queue",
+    "RemoteTraceback", "WorkerDiedError", "create", "pmap", "start", "usable_cpus",
+    "waitall",
+]

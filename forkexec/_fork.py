@@ -1,0 +1,59 @@
+"""Forking: stdio flushing, and closing in every child what belongs to the parent.
+
+Every object holding descriptors that only make sense in this process (a
+channel's parent end, an executor's wake-up pipe) registers with :func:`own`.
+Whoever forks — us, ``multiprocessing``, or a plain ``os.fork()`` — the child
+closes them at once, so a child never keeps another child's channel open (a
+channel would never see EOF) and descriptors do not pile up.
+"""
+
+import atexit
+import os
+import sys
+import weakref
+
+_owned = weakref.WeakSet()
+
+
+def own(obj):
+    """Close ``obj`` (via ``obj._after_fork_in_child()``) in every forked child."""
+    _owned.add(obj)
+
+
+def disown(obj):
+    _owned.discard(obj)
+
+
+def _after_fork_in_child():
+    for obj in list(_owned):
+        obj._after_fork_in_child()
+    _owned.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def flush_stdio():
+    """Flush Python's stdio so buffered output is neither lost nor printed twice."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def fork():
+    """Fork after flushing stdio. In the child, the parent's atexit handlers are dropped."""
+    flush_stdio()
+    pid = os.fork()
+    if pid == 0:
+        atexit._clear()
+        atexit.register(flush_stdio)
+    return pid
+
+
+def exit_child(code=0):
+    """Leave a forked child without running the parent's cleanup, output flushed."""
+    flush_stdio()
+    os._exit(code)

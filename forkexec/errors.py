@@ -1,0 +1,137 @@
+"""Exceptions shared by every layer of forkexec.
+
+"Closed" means *your* side closed the resource; "broken" means the other side
+went away. The executor's failures subclass the standard library's
+``BrokenProcessPool`` so existing ``except`` clauses keep working.
+"""
+
+import os
+import signal
+from concurrent.futures.process import BrokenProcessPool
+
+
+class ChannelError(Exception):
+    """Base class for errors raised by a channel."""
+
+
+class ChannelClosed(ChannelError):
+    """The channel was closed by this process and cannot be used any more."""
+
+
+class ChannelBroken(ChannelError, EOFError):
+    """The process at the other end of the channel went away.
+
+    ``pid`` is the peer's process id (0 when unknown) and ``status`` the raw
+    wait status when it could be read (``None`` otherwise).
+    """
+
+    def __init__(self, message, pid=0, status=None):
+        super().__init__(message)
+        self.pid = pid
+        self.status = status
+
+    @property
+    def exitcode(self):
+        """The peer's exit code, or minus the signal number, like multiprocessing."""
+        return exitcode_from_status(self.status)
+
+
+class ProtocolError(ChannelError):
+    """A frame on the wire was truncated, oversized or garbled."""
+
+
+class RemoteTraceback(Exception):
+    """The traceback text of an exception raised in another process."""
+
+    def __init__(self, tb):
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self):
+        return self.tb
+
+
+class WorkerDiedError(BrokenProcessPool):
+    """A worker process of an executor died while it held work."""
+
+    def __init__(self, message, pid=0, status=None):
+        super().__init__(message)
+        self.pid = pid
+        self.status = status
+
+    @property
+    def exitcode(self):
+        return exitcode_from_status(self.status)
+
+
+def exitcode_from_status(status):
+    """Turn a raw wait status into an exit code, or minus the signal number."""
+    if status is None:
+        return None
+    sig = signal_from_status(status)
+    return -sig if sig else _exit_status(status)
+
+
+def signal_from_status(status):
+    return os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
+
+
+def _exit_status(status):
+    return os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+
+
+def describe_status(status):
+    """A human description of a raw wait status: 'killed by SIGKILL(-9)' or 'exit code 3'."""
+    if status is None:
+        return "exit status unknown"
+    sig = signal_from_status(status)
+    if sig:
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = "signal %d" % sig
+        return "killed by %s(-%d)" % (name, sig)
+    code = _exit_status(status)
+    return "exit code %s" % code
+
+
+class RemoteFailure:
+    """An exception raised in another process, packed to travel over a channel.
+
+    The exception itself travels when it pickles; otherwise a ``RuntimeError``
+    carrying its type name and message stands in. The traceback text always
+    travels, and comes back as ``__cause__`` (like CPython's executor).
+    """
+
+    __slots__ = ("exc", "tb")
+
+    def __init__(self, exc, tb):
+        self.exc = exc
+        self.tb = tb
+
+    @classmethod
+    def capture(cls, exc):
+        import pickle
+        import traceback
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        try:
+            pickle.loads(pickle.dumps(exc, protocol=5))
+        except BaseException:  # unpicklable exception: keep its name and text
+            exc = RuntimeError("%s: %s" % (_qualname(type(exc)), exc))
+        exc.__traceback__ = None
+        exc.__context__ = exc.__cause__ = None
+        return cls(exc, '\n"""\n%s"""' % tb)
+
+    def __reduce__(self):
+        return RemoteFailure, (self.exc, self.tb)
+
+    def exception(self):
+        """The exception, with the remote traceback as its ``__cause__``."""
+        self.exc.__cause__ = RemoteTraceback(self.tb)
+        return self.exc
+
+
+def _qualname(cls):
+    module = getattr(cls, "__module__", "")
+    name = getattr(cls, "__qualname__", cls.__name__)
+    return name if module in ("builtins", "__main__", None, "") else "%s.%s" % (module, name)

@@ -1,0 +1,421 @@
+"""Exchange: the readiness loop over many channels, and the pprocess-style API on it.
+
+:class:`Poller` is the one place that waits on descriptors (``selectors``:
+epoll on Linux, so the cost of a wait follows the ready channels, not all of
+them); the executor's loop uses it too. :class:`Exchange` watches channels to
+child processes and hands each arriving message to ``store_data``; it can
+start processes itself under a hard ``limit`` on live children, ``reuse``
+them for queued work, or keep them ``continuous``. :class:`Queue` yields
+results as they arrive, :class:`Map` in submission order; :func:`pmap`,
+:class:`MakeParallel` and :class:`MakeReusable` wrap plain functions.
+"""
+
+import collections
+import os
+import selectors
+import time
+
+from . import channel as _channel
+from .errors import ChannelBroken, describe_status
+
+#: While finished children are still being reaped, wait at most this long per round.
+REAP_POLL = 0.005
+
+
+class Poller:
+    """A thin wrapper over the best selector of the platform."""
+
+    READ = selectors.EVENT_READ
+    WRITE = selectors.EVENT_WRITE
+
+    def __init__(self):
+        self._selector = selectors.DefaultSelector()
+
+    def register(self, fileobj, events, data=None):
+        self._selector.register(fileobj, events, data)
+
+    def modify(self, fileobj, events, data=None):
+        self._selector.modify(fileobj, events, data)
+
+    def unregister(self, fileobj):
+        try:
+            self._selector.unregister(fileobj)
+        except (KeyError, ValueError):
+            pass
+
+    def wait(self, timeout=None):
+        """[(data, events)] of the ready registrations; ``timeout`` in seconds."""
+        if timeout is not None and timeout < 0:
+            timeout = 0
+        return [(key.data, events) for key, events in self._selector.select(timeout)]
+
+    def close(self):
+        self._selector.close()
+
+
+class Exchange:
+    """Watch channels to child processes, storing what arrives.
+
+    ``limit`` is a hard bound on live child processes started through this
+    exchange (``start``, ``create``, ``add_wait``); ``reuse`` sends queued work to
+    a process that has just delivered a result (its callable must loop, see
+    :class:`MakeReusable`); ``continuous`` lets each child send any number of
+    messages until it exits. ``ready`` and ``store`` take timeouts in seconds.
+    """
+
+    def __init__(self, channels=None, limit=None, reuse=0, continuous=0, autoclose=1):
+        if reuse and continuous:
+            raise ValueError("reuse and continuous cannot be combined: a continuous child "
+                             "sends until it exits, so it can never be given new work")
+        if limit is not None and limit < 1:
+            raise ValueError("limit must be None or at least 1, not %r" % (limit,))
+        self.limit = limit
+        self.reuse = reuse
+        self.continuous = continuous
+        self.autoclose = autoclose
+        self._poller = Poller()
+        self._channels = {}        # channel -> messages delivered (insertion-ordered)
+        self._failed = set()       # channels whose child's failure was already raised
+        self._waiting = collections.deque()   # queued (callable, args, kwargs, tag)
+        self._tags = {}            # channel -> tag of the work it is doing (Map's index)
+        self._unreaped = {}        # pid -> channel: removed, but the process has not exited
+        for ch in channels or ():
+            self.add(ch)
+
+    # -- channels --------------------------------------------------------------
+    def add(self, channel):
+        """Watch ``channel``."""
+        self._poller.register(channel.fileno(), Poller.READ, channel)
+        self._channels[channel] = 0
+
+    def remove(self, channel):
+        """Stop watching ``channel``; with autoclose, close it and reap its process.
+
+        Never blocks on a child that closed its end but has not exited yet: it is
+        reaped later.
+        """
+        if self._channels.pop(channel, None) is None and channel.closed:
+            return
+        self._poller.unregister(channel.fileno())
+        self._tags.pop(channel, None)
+        self._failed.discard(channel)
+        if self.autoclose:
+            channel.close()
+            if channel.pid > 0 and channel.wait(os.WNOHANG) is None and channel._reapable:
+                self._unreaped[channel.pid] = channel
+
+    def active(self):
+        """The channels being watched, as a list."""
+        return list(self._channels)
+
+    def ready(self, timeout=None):
+        """Channels with something to read (a message, or the end of the stream).
+
+        Channels holding a message that was already read into memory are
+        returned at once, without waiting.
+        """
+        buffered = [ch for ch in self._channels if ch.has_message() or ch.at_eof]
+        if buffered:
+            timeout = 0
+        seen = set(buffered)
+        for ch, _ in self._poller.wait(timeout):
+            if ch not in seen:
+                buffered.append(ch)
+        return buffered
+
+    # -- the work queue ------------------------------------------------------------
+    def _live(self):
+        return len(self._channels) + len(self._unreaped)
+
+    def busy(self):
+        """True when the limit of live processes is reached."""
+        return self.limit is not None and self._live() >= self.limit
+
+    def unfinished(self):
+        """True while channels are watched or work is queued."""
+        return bool(self._channels or self._waiting)
+
+    def store_data(self, channel):
+        """Handle a message waiting on ``channel``: override in a subclass."""
+        raise NotImplementedError("Exchange.store_data must be defined by a subclass")
+
+    def store_died(self, channel, error):
+        """Handle a child that ended without delivering (or with a failure): raise by default."""
+        raise error
+
+    def store(self, timeout=None):
+        """Wait up to ``timeout`` seconds for ready channels and store what they send."""
+        if self._unreaped:
+            self._reap()
+            if self._unreaped:
+                timeout = REAP_POLL if timeout is None else min(timeout, REAP_POLL)
+        for channel in self.ready(timeout):
+            if channel not in self._channels:
+                continue
+            if not channel.has_message() and not channel.at_eof:
+                channel.read_nowait()
+            while channel.has_message() and channel in self._channels:
+                self._deliver(channel)
+            if channel.at_eof and not channel.has_message() and channel in self._channels:
+                self._ended(channel)
+        self._start_waiting()
+
+    def _deliver(self, channel):
+        self._channels[channel] += 1
+        try:
+            self.store_data(channel)
+        except Exception:
+            self._failed.add(channel)
+            raise
+        if self.reuse:
+            self._reuse(channel)
+
+    def _reuse(self, channel):
+        if self._waiting:
+            _callable, args, kwargs, tag = self._waiting.popleft()
+            self._tags[channel] = tag
+            channel.send((args, kwargs))
+        else:
+            channel.send(None)
+
+    def _ended(self, channel):
+        """The child closed its channel: remove it, reporting a child that failed silently."""
+        delivered = self._channels.get(channel, 0)
+        failed = channel in self._failed
+        tag = self._tags.get(channel)
+        status = None
+        if channel.pid > 0 and channel._reapable:
+            status = _wait_briefly(channel)
+        self.remove(channel)
+        abnormal = status is not None and status != 0
+        if not failed and (not delivered or abnormal):
+            why = describe_status(status) if status is not None else "exit status unknown"
+            what = "without sending a result" if not delivered else "abnormally"
+            err = ChannelBroken("child process %d ended %s (%s)" % (channel.pid, what, why),
+                                channel.pid, status)
+            self._tags[channel] = tag
+            try:
+                self.store_died(channel, err)
+            finally:
+                self._tags.pop(channel, None)
+
+    def _reap(self):
+        for pid, channel in list(self._unreaped.items()):
+            if channel.wait(os.WNOHANG) is not None:
+                del self._unreaped[pid]
+
+    def _start_waiting(self):
+        while self._waiting and not self.busy():
+            fn, args, kwargs, tag = self._waiting.popleft()
+            self._launch(fn, args, kwargs, tag)
+
+    def _launch(self, fn, args, kwargs, tag):
+        channel = _channel.start(fn, *args, **kwargs)
+        self._tags[channel] = tag
+        self.add(channel)
+
+    def wait(self):
+        """Store results until fewer than ``limit`` processes are live."""
+        while self.busy():
+            self.store()
+
+    def finish(self):
+        """Store results until nothing is running or queued."""
+        while self.unfinished() or self._unreaped:
+            self.store()
+
+    def add_wait(self, channel):
+        """Wait for room under the limit, then add ``channel``."""
+        self.wait()
+        self.add(channel)
+
+    # -- starting processes --------------------------------------------------------
+    def start(self, callable, *args, **kwargs):
+        """Run ``callable(channel, *args, **kwargs)`` in a new process, or queue it while busy."""
+        self._submit(callable, args, kwargs, None)
+
+    def _submit(self, fn, args, kwargs, tag):
+        self._waiting.append((fn, args, kwargs, tag))
+        self._start_waiting()
+
+    def create(self):
+        """Fork (after waiting for room under the limit). Returns the channel in the child,
+        None in the parent, which watches the channel."""
+        self.wait()
+        channel = _channel.create()
+        if channel.pid == 0:
+            return channel
+        self.add(channel)
+        return None
+
+    def manage(self, callable):
+        """A callable that starts ``callable`` through this exchange when called."""
+        return ManagedCallable(callable, self)
+
+    def close(self):
+        """Close every channel and the poller (children are reaped as they exit)."""
+        for channel in list(self._channels):
+            self.remove(channel)
+        self._poller.close()
+
+
+def _wait_briefly(channel):
+    deadline = time.monotonic() + _channel.EXIT_GRACE
+    while True:
+        status = channel.wait(os.WNOHANG)
+        if status is not None or time.monotonic() >= deadline:
+            return status
+        time.sleep(0.0005)
+
+
+class ManagedCallable:
+    """A callable whose calls start processes through an exchange."""
+
+    def __init__(self, callable, exchange):
+        self.callable = callable
+        self.exchange = exchange
+
+    def __call__(self, *args, **kwargs):
+        self.exchange.start(self.callable, *args, **kwargs)
+
+
+class MakeParallel:
+    """Wrap ``fn`` so that it runs in a child and sends its return value."""
+
+    def __init__(self, callable):
+        self.callable = callable
+
+    def __call__(self, channel, *args, **kwargs):
+        channel.send(self.callable(*args, **kwargs))
+
+
+class MakeReusable(MakeParallel):
+    """Wrap ``fn`` for a reusing exchange: send each result, then wait for the next
+    ``(args, kwargs)``; stop on ``None``."""
+
+    def __call__(self, channel, *args, **kwargs):
+        channel.send(self.callable(*args, **kwargs))
+        while True:
+            work = channel.receive()
+            if work is None:
+                return
+            args, kwargs = work
+            channel.send(self.callable(*args, **kwargs))
+
+
+class Queue(Exchange):
+    """An exchange whose results are read by iterating, in the order they arrive."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._results = collections.deque()
+
+    def store_data(self, channel):
+        self._results.append(channel.receive())
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while not self._results and (self.unfinished() or self._unreaped):
+            self.store()
+        if self._results:
+            return self._results.popleft()
+        raise StopIteration
+
+    next = __next__
+
+    def __len__(self):
+        """The number of results received but not yet taken."""
+        return len(self._results)
+
+
+_PENDING = object()
+
+
+class _Failed:
+    __slots__ = ("error",)
+
+    def __init__(self, error):
+        self.error = error
+
+
+class Map(Exchange):
+    """An exchange whose results are read in the order the work was started.
+
+    Index it (an int or a slice) or iterate it once; both block until the
+    results are in. A child that ended without a result raises at its index.
+    """
+
+    def __init__(self, *args, **kwargs):
+        self._results = []
+        self._next = 0
+        super().__init__(*args, **kwargs)
+
+    def _new_index(self):
+        self._results.append(_PENDING)
+        return len(self._results) - 1
+
+    def add(self, channel):
+        super().add(channel)
+        if channel not in self._tags:
+            self._tags[channel] = self._new_index()
+
+    def start(self, callable, *args, **kwargs):
+        self._submit(callable, args, kwargs, self._new_index())
+
+    def __call__(self, callable, sequence):
+        """Start ``callable`` (wrapped in MakeParallel if needed) on each item of ``sequence``."""
+        if not isinstance(callable, MakeParallel):
+            callable = MakeParallel(callable)
+        for item in sequence:
+            self.start(callable, item)
+        return self
+
+    def store_data(self, channel):
+        self._results[self._tags[channel]] = channel.receive()
+
+    def store_died(self, channel, error):
+        index = self._tags.get(channel)
+        if index is None or self._results[index] is not _PENDING:
+            raise error
+        self._results[index] = _Failed(error)
+
+    def _result(self, index):
+        while self._results[index] is _PENDING and (self.unfinished() or self._unreaped):
+            self.store()
+        value = self._results[index]
+        if value is _PENDING:
+            raise ChannelBroken("no result was delivered for item %d" % index)
+        if isinstance(value, _Failed):
+            raise value.error
+        return value
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self._result(i) for i in range(*index.indices(len(self._results)))]
+        if index < 0:
+            index += len(self._results)
+        if not 0 <= index < len(self._results):
+            raise IndexError("Map index out of range")
+        return self._result(index)
+
+    def __len__(self):
+        return len(self._results)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._next >= len(self._results):
+            raise StopIteration
+        index, self._next = self._next, self._next + 1
+        return self._result(index)
+
+    next = __next__
+
+
+def pmap(callable, sequence, limit=None):
+    """A lazy parallel ``map``: a :class:`Map` running ``callable`` on each item."""
+    mymap = Map(limit=limit)
+    return mymap(callable, sequence)

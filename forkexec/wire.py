@@ -1,0 +1,258 @@
+"""The wire protocol: framing of pickled messages on a byte stream, sans-IO.
+
+A frame is::
+
+    +-------+---------+-------+----------+-------------+----------------+-----------+
+    | "FX"  | version | flags | nbuffers | payload len | nbuffers x len | payload   | buffers...
+    | 2 B   | 1 B     | 1 B   | u32      | u64         | u64 each       | pickle 5  | out of band
+    +-------+---------+-------+----------+-------------+----------------+-----------+
+
+The payload is a pickle (protocol 5); large contiguous buffers (``bytearray``,
+NumPy arrays, ``PickleBuffer``) travel out of band after it, without being
+copied into the pickle. There are no acknowledgements: a sender writes frames,
+a receiver decodes them.
+
+:func:`encode` turns objects into a list of buffers for one ``sendmsg``/``writev``.
+:class:`Decoder` is fed bytes (it hands out the buffer to read into, so large
+frames are read straight into their final place) and yields :class:`Frame`
+objects; :func:`loads` unpickles one. Nothing here does I/O.
+"""
+
+import mmap
+import pickle
+import struct
+
+from .errors import ProtocolError
+
+MAGIC = b"FX"
+VERSION = 1
+HEADER = struct.Struct("<2sBBIQ")
+LENGTH = struct.Struct("<Q")
+
+#: Frames whose payload plus buffers exceed this are refused by default.
+DEFAULT_MAX_FRAME = 1 << 31
+#: More out-of-band buffers than this in one frame is treated as corruption.
+MAX_BUFFERS = 1 << 16
+#: Buffers smaller than this stay inside the pickle: an extra iovec costs more.
+OUT_OF_BAND_MIN = 1 << 16
+#: Payloads smaller than this are joined to their header (one copy beats one iovec).
+JOIN_BELOW = 1 << 14
+#: The reusable read buffer; frames larger than this get a buffer of their own.
+READ_CHUNK = 1 << 18
+#: A large frame's buffer (an anonymous mmap: no zero-fill, and it grows by
+#: mremap without copying) starts at this size and doubles as data arrives, so a
+#: garbled length never allocates much more than twice what was really sent.
+GROW_FROM = 1 << 22
+
+
+def _keep_in_band(pickle_buffer):
+    """buffer_callback for pickle: False sends the buffer out of band."""
+    try:
+        raw = pickle_buffer.raw()
+    except BufferError:  # not contiguous: pickle copies it in band
+        return True
+    return raw.nbytes < OUT_OF_BAND_MIN
+
+
+def dumps(obj):
+    """Pickle ``obj`` as (payload, [buffers]); raises pickling errors unchanged."""
+    buffers = []
+
+    def collect(pb):
+        if _keep_in_band(pb):
+            return True
+        buffers.append(pb.raw())
+        return False
+
+    payload = pickle.dumps(obj, protocol=5, buffer_callback=collect)
+    return payload, buffers
+
+
+def frame_buffers(payload, buffers=()):
+    """The iovec list of one frame from an already pickled payload."""
+    header = HEADER.pack(MAGIC, VERSION, 0, len(buffers), len(payload))
+    if buffers:
+        header += b"".join(LENGTH.pack(b.nbytes) for b in buffers)
+    if len(payload) < JOIN_BELOW:
+        return [header + payload, *buffers]
+    return [header, payload, *buffers]
+
+
+def encode(obj):
+    """Return the buffers of one frame carrying ``obj`` (pickling errors propagate)."""
+    payload, buffers = dumps(obj)
+    return frame_buffers(payload, buffers)
+
+
+class Frame:
+    """One decoded frame: a pickle payload and its out-of-band buffers."""
+
+    __slots__ = ("payload", "buffers")
+
+    def __init__(self, payload, buffers=()):
+        self.payload = payload
+        self.buffers = buffers
+
+    def __repr__(self):
+        return "<Frame payload=%d buffers=%d>" % (len(self.payload), len(self.buffers))
+
+
+def loads(frame):
+    """Unpickle a :class:`Frame`."""
+    return pickle.loads(frame.payload, buffers=frame.buffers)
+
+
+class Decoder:
+    """Incremental frame decoder.
+
+    Use: ``view = d.read_target(); n = recv_into(view); del view; d.commit(n)``,
+    then take complete frames with :meth:`pop_frames`. At end of stream call
+    :meth:`at_boundary` to tell a clean EOF from one in the middle of a frame.
+    """
+
+    def __init__(self, max_frame=DEFAULT_MAX_FRAME):
+        self.max_frame = max_frame
+        self._buf = bytearray(READ_CHUNK)
+        self._start = 0
+        self._end = 0
+        self._frames = []
+        # A frame too large for the read buffer: (payload length, lengths, data, filled, body size)
+        self._large = None
+
+    # -- feeding -----------------------------------------------------------
+    def read_target(self):
+        """A writable memoryview to receive the next bytes into."""
+        large = self._large
+        if large is not None:
+            _, _, data, filled, body = large
+            if filled == len(data):  # grow: double, never past the declared size
+                data.resize(min(body, 2 * len(data)))
+            return memoryview(data)[filled:]
+        if self._end == len(self._buf):
+            self._compact()
+        return memoryview(self._buf)[self._end:]
+
+    def commit(self, n):
+        """Record that ``n`` bytes were written into the last read target."""
+        large = self._large
+        if large is not None:
+            plen, lens, data, filled, body = large
+            filled += n
+            if filled < body:
+                self._large = (plen, lens, data, filled, body)
+                return
+            self._large = None
+            self._frames.append(_split(memoryview(data), plen, lens))
+            return
+        self._end += n
+        self._parse()
+
+    def feed(self, data):
+        """Feed a bytes-like object (convenience for tests and small inputs)."""
+        data = memoryview(data).cast("B")
+        while data:
+            target = self.read_target()
+            n = min(len(target), len(data))
+            target[:n] = data[:n]
+            del target
+            self.commit(n)
+            data = data[n:]
+
+    # -- results -----------------------------------------------------------
+    def pop_frames(self):
+        """Return and forget the frames decoded so far."""
+        frames, self._frames = self._frames, []
+        return frames
+
+    def has_frames(self):
+        return bool(self._frames)
+
+    def pop_frame(self):
+        return self._frames.pop(0)
+
+    def at_boundary(self):
+        """True when no partial frame is buffered (an EOF here is a clean one)."""
+        return self._large is None and self._start == self._end
+
+    def buffered(self):
+        """Number of bytes received but not yet part of a complete frame."""
+        if self._large is not None:
+            return self._large[3]
+        return self._end - self._start
+
+    # -- internals ---------------------------------------------------------
+    def _compact(self):
+        start, end = self._start, self._end
+        if start:
+            self._buf[: end - start] = self._buf[start:end]
+            self._start, self._end = 0, end - start
+
+    def _parse(self):
+        buf = self._buf
+        while True:
+            start, avail = self._start, self._end - self._start
+            if avail < HEADER.size:
+                return
+            magic, version, _flags, nbuf, plen = HEADER.unpack_from(buf, start)
+            if magic != MAGIC:
+                raise ProtocolError(
+                    "bad frame magic %r - wire protocol corruption?" % bytes(magic))
+            if version != VERSION:
+                raise ProtocolError("unknown wire protocol version %d" % version)
+            if nbuf > MAX_BUFFERS:
+                raise ProtocolError(
+                    "frame declares %d out-of-band buffers (limit %d) - "
+                    "wire protocol corruption?" % (nbuf, MAX_BUFFERS))
+            hsize = HEADER.size + LENGTH.size * nbuf
+            if avail < hsize:
+                if hsize > len(buf) - start:
+                    self._compact()
+                return
+            lens = struct.unpack_from("<%dQ" % nbuf, buf, start + HEADER.size) if nbuf else ()
+            body = plen + sum(lens)
+            if body > self.max_frame:
+                raise ProtocolError(
+                    "frame of %d bytes exceeds the limit of %d bytes" % (body, self.max_frame))
+            if avail >= hsize + body:
+                first = start + hsize
+                self._frames.append(_split_copy(buf, first, plen, lens))
+                self._start = first + body
+                if self._start == self._end:
+                    self._start = self._end = 0
+                continue
+            if hsize + body <= len(buf):
+                if hsize + body > len(buf) - start:
+                    self._compact()
+                return
+            # Too big for the read buffer: move what we have into a buffer of its own.
+            have = avail - hsize
+            data = mmap.mmap(-1, max(have, min(body, GROW_FROM)), flags=mmap.MAP_PRIVATE)
+            data[:have] = buf[start + hsize: self._end]
+            self._start = self._end = 0
+            if have == body:
+                self._frames.append(_split(memoryview(data), plen, lens))
+            else:
+                self._large = (plen, lens, data, have, body)
+            return
+
+
+def _split(view, plen, lens):
+    """Frame over a buffer owned by this frame alone (no copies)."""
+    buffers = []
+    pos = plen
+    for n in lens:
+        buffers.append(view[pos:pos + n])
+        pos += n
+    return Frame(view[:plen], buffers)
+
+
+def _split_copy(buf, first, plen, lens):
+    """Frame copied out of the shared read buffer, which will be reused."""
+    view = memoryview(buf)
+    payload = bytes(view[first:first + plen])
+    buffers = []
+    pos = first + plen
+    for n in lens:
+        buffers.append(bytearray(view[pos:pos + n]))
+        pos += n
+    return Frame(payload, buffers)
