@@ -10,13 +10,14 @@ from .channel import Channel, create, start, waitall
 from .cpus import usable_cpus
 from .errors import (ChannelBroken, ChannelClosed, ChannelError, ProtocolError,
                      RemoteTraceback, WorkerDiedError)
+from .executor import ExecutorStatistics, ForkExchangeExecutor
 from .exchange import (Exchange, MakeParallel, MakeReusable, ManagedCallable, Map,
                        Queue, pmap)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Channel", "ChannelBroken", "ChannelClosed", "ChannelError", "Exchange",
+    "Channel", "ChannelBroken", "ExecutorStatistics", "ForkExchangeExecutor", "ChannelClosed", "ChannelError", "Exchange",
     "MakeParallel", "MakeReusable", "ManagedCallable", "Map", "ProtocolError", "Queue",
     "RemoteTraceback", "WorkerDiedError", "create", "pmap", "start", "usable_cpus",
     "waitall",

@@ -1,0 +1,143 @@
+"""The worker process: receive batches of tasks, run them, send results back.
+
+Parent -> worker, one frame per batch: ``[(task_id, kind, blob), ...]`` where
+``blob`` is a pickle made in the parent (so a task that cannot be unpickled
+fails alone): ``CALL`` blobs hold ``(fn, args, kwargs)``, ``CHUNK`` blobs hold
+``(fn, [args, ...])`` for ``map``.
+
+Worker -> parent: ``(RESULTS, batch_done, seconds, [(task_id, ok, blob), ...])``
+where each ``blob`` is pickled on its own (an unpicklable result fails only
+its task), or ``(INIT_FAILED, failure_blob)`` if the initializer raised.
+Results of a long batch are sent every ``FLUSH_EVERY`` seconds, so the parent
+sees progress and knows which tasks are done.
+
+Before each task the worker writes its id into a shared-memory slot; if the
+worker dies, the parent reads which task was running.
+"""
+
+import ctypes
+import os
+import pickle
+import sys
+import time
+
+from . import _fork
+from .channel import Channel
+from .errors import ChannelBroken, RemoteFailure
+
+CALL, CHUNK = 0, 1
+RESULTS, INIT_FAILED = 0, 1
+FLUSH_EVERY = 0.05
+IDLE = -1
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid):
+    """Ask the kernel to SIGKILL us when the template (a single-threaded process) dies."""
+    try:
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the template's death is noticed on EOF
+        pass
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _dump_failure(exc):
+    return pickle.dumps(RemoteFailure.capture(exc), protocol=5)
+
+
+def _dump_result(value):
+    try:
+        return True, pickle.dumps(value, protocol=5)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: B902 - anything pickling raises fails this task only
+        err = pickle.PicklingError("cannot pickle the result (a %s object): %s: %s"
+                                   % (type(value).__qualname__, type(exc).__name__, exc))
+        err.__cause__ = exc
+        return False, _dump_failure(err)
+
+
+def _run_call(blob):
+    try:
+        fn, args, kwargs = pickle.loads(blob)
+        value = fn(*args, **kwargs)
+    except BaseException as exc:  # noqa: B902 - SystemExit/KeyboardInterrupt fail their task only
+        return False, _dump_failure(exc)
+    return _dump_result(value)
+
+
+def _run_chunk(blob):
+    """A map chunk: per-item outcomes, so an exception is raised at its own item."""
+    try:
+        fn, chunk = pickle.loads(blob)
+    except BaseException as exc:  # noqa: B902
+        return False, _dump_failure(exc)
+    outcomes = []
+    for args in chunk:
+        try:
+            outcomes.append((True, fn(*args)))
+        except BaseException as exc:  # noqa: B902
+            outcomes.append((False, RemoteFailure.capture(exc)))
+    ok, blob = _dump_result(outcomes)
+    if ok:
+        return ok, blob
+    # Some item's value does not pickle: find it and fail that item alone.
+    fixed = []
+    for ok, value in outcomes:
+        item_ok, item_blob = _dump_result(value) if ok else (True, None)
+        fixed.append((ok, value) if item_ok else (False, pickle.loads(item_blob)))
+    return _dump_result(fixed)
+
+
+RUNNERS = {CALL: _run_call, CHUNK: _run_chunk}
+
+
+def worker_main(sock, slot, marks, initializer, initargs, max_tasks, template_pid):
+    """Body of a worker process; never returns."""
+    die_with_parent(template_pid)
+    channel = Channel(0, sock, reapable=False)
+    code = 0
+    try:
+        if initializer is not None:
+            try:
+                initializer(*initargs)
+            except BaseException as exc:  # noqa: B902
+                channel.send((INIT_FAILED, _dump_failure(exc)))
+                code = 1
+                return
+        _serve(channel, slot, marks, max_tasks)
+    except ChannelBroken:  # the parent closed our channel: time to go
+        pass
+    finally:
+        _fork.exit_child(code)
+
+
+def _serve(channel, slot, marks, max_tasks):
+    done = 0
+    clock = time.monotonic
+    while max_tasks is None or done < max_tasks:
+        batch = channel.receive()
+        results = []
+        started = last_flush = clock()
+        for task_id, kind, blob in batch:
+            marks[slot] = task_id
+            ok, out = RUNNERS[kind](blob)
+            results.append((task_id, ok, out))
+            now = clock()
+            if now - last_flush > FLUSH_EVERY and len(results) < len(batch):
+                channel.send((RESULTS, False, now - started, results))
+                results = []
+                last_flush = now
+        marks[slot] = IDLE
+        done += len(batch)
+        _flush_stdout()
+        channel.send((RESULTS, True, clock() - started, results))
+
+
+def _flush_stdout():
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
