@@ -109,7 +109,34 @@ class Exchange:
         return list(self._channels)
 
     def ready(self, timeout=None):
-        """Channels with something to read (a message, or the end of the stream).
+        """Channels holding a message, waiting up to ``timeout`` seconds for one.
+
+        ``receive()`` on a returned channel does not block. A channel whose child
+        has ended is removed instead of returned (a child that failed is reported
+        through :meth:`store_died`); then the call returns early, maybe empty.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._channels:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, ended = [], False
+            for channel in self._ready(remaining):
+                if channel not in self._channels:
+                    continue
+                if not channel.has_message() and not channel.at_eof:
+                    channel.read_nowait()
+                if channel.has_message():
+                    # The caller receives it: count it as delivered for _ended.
+                    self._channels[channel] += 1
+                    ready.append(channel)
+                elif channel.at_eof:
+                    self._ended(channel)
+                    ended = True
+            if ready or ended or remaining == 0.0:
+                return ready
+        return []
+
+    def _ready(self, timeout):
+        """Channels with something to read: a message, or the end of the stream.
 
         Channels holding a message that was already read into memory are
         returned at once, without waiting.
@@ -149,7 +176,7 @@ class Exchange:
             self._reap()
             if self._unreaped:
                 timeout = REAP_POLL if timeout is None else min(timeout, REAP_POLL)
-        for channel in self.ready(timeout):
+        for channel in self._ready(timeout):
             if channel not in self._channels:
                 continue
             if not channel.has_message() and not channel.at_eof:
@@ -167,7 +194,7 @@ class Exchange:
         except Exception:
             self._failed.add(channel)
             raise
-        if self.reuse:
+        if self.reuse and channel not in self._failed:
             self._reuse(channel)
 
     def _reuse(self, channel):
@@ -373,7 +400,13 @@ class Map(Exchange):
         return self
 
     def store_data(self, channel):
-        self._results[self._tags[channel]] = channel.receive()
+        # A failure is raised at its own index, not while waiting for another one.
+        try:
+            value = channel.receive()
+        except Exception as exc:
+            value = _Failed(exc)
+            self._failed.add(channel)
+        self._results[self._tags[channel]] = value
 
     def store_died(self, channel, error):
         index = self._tags.get(channel)

@@ -889,6 +889,7 @@ class _ExchangeLoop:
             return
         if worker.retiring and not worker.tasks and status == 0:
             if not (shared.shutdown and not shared.pending):
+                shared.replaced += 1
                 self.spawn(worker.slot)
             return
         running_id = self.marks[worker.slot]
@@ -901,7 +902,9 @@ class _ExchangeLoop:
                 "pool is broken: pending and later tasks fail (on_worker_death='replace' keeps "
                 "the pool going)." % (worker.pid, what, describe_status(status), _LIKELY_CAUSES),
                 worker.pid, status)
+            self.workers[worker.slot] = worker   # so break_pool fails its tasks too
             self.break_pool(err)
+            del self.workers[worker.slot]
             return
         # "replace": the running task fails; the tasks behind it run again elsewhere.
         if running is None and worker.tasks:

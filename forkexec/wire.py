@@ -7,9 +7,11 @@ A frame is::
     | 2 B   | 1 B     | 1 B   | u32      | u64         | u64 each       | pickle 5  | out of band
     +-------+---------+-------+----------+-------------+----------------+-----------+
 
-The payload is a pickle (protocol 5); large contiguous buffers (``bytearray``,
-NumPy arrays, ``PickleBuffer``) travel out of band after it, without being
-copied into the pickle. There are no acknowledgements: a sender writes frames,
+The payload is a pickle (protocol 5); large contiguous buffers (NumPy arrays,
+``PickleBuffer``, and a message that is itself a large ``bytes`` or
+``bytearray``) travel out of band after it, without being copied into the
+pickle. (The C pickler always copies ``bytes``/``bytearray`` nested inside
+other objects into the pickle.) There are no acknowledgements: a sender writes frames,
 a receiver decodes them.
 
 :func:`encode` turns objects into a list of buffers for one ``sendmsg``/``writev``.
@@ -31,8 +33,10 @@ LENGTH = struct.Struct("<Q")
 
 #: Frames whose payload plus buffers exceed this are refused by default.
 DEFAULT_MAX_FRAME = 1 << 31
-#: More out-of-band buffers than this in one frame is treated as corruption.
-MAX_BUFFERS = 1 << 16
+#: More out-of-band buffers than this in one frame is treated as corruption; the
+#: encoder keeps any further buffers in band. The table of buffer lengths must
+#: fit in the read buffer, or a header could never be parsed.
+MAX_BUFFERS = 1 << 14
 #: Buffers smaller than this stay inside the pickle: an extra iovec costs more.
 OUT_OF_BAND_MIN = 1 << 16
 #: Payloads smaller than this are joined to their header (one copy beats one iovec).
@@ -42,7 +46,7 @@ READ_CHUNK = 1 << 18
 #: A large frame's buffer (an anonymous mmap: no zero-fill, and it grows by
 #: mremap without copying) starts at this size and doubles as data arrives, so a
 #: garbled length never allocates much more than twice what was really sent.
-GROW_FROM = 1 << 22
+GROW_FROM = 2 * READ_CHUNK
 
 
 def _keep_in_band(pickle_buffer):
@@ -54,15 +58,30 @@ def _keep_in_band(pickle_buffer):
     return raw.nbytes < OUT_OF_BAND_MIN
 
 
+class _OutOfBand:
+    """Pickles a large bytes/bytearray message as an out-of-band buffer."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data):
+        self.data = data
+
+    def __reduce_ex__(self, protocol):
+        return type(self.data), (pickle.PickleBuffer(self.data),)
+
+
 def dumps(obj):
     """Pickle ``obj`` as (payload, [buffers]); raises pickling errors unchanged."""
     buffers = []
 
     def collect(pb):
-        if _keep_in_band(pb):
+        if len(buffers) >= MAX_BUFFERS or _keep_in_band(pb):
             return True
         buffers.append(pb.raw())
         return False
+
+    if type(obj) in (bytes, bytearray) and len(obj) >= OUT_OF_BAND_MIN:
+        obj = _OutOfBand(obj)
 
     payload = pickle.dumps(obj, protocol=5, buffer_callback=collect)
     return payload, buffers
@@ -229,10 +248,7 @@ class Decoder:
             data = mmap.mmap(-1, max(have, min(body, GROW_FROM)), flags=mmap.MAP_PRIVATE)
             data[:have] = buf[start + hsize: self._end]
             self._start = self._end = 0
-            if have == body:
-                self._frames.append(_split(memoryview(data), plen, lens))
-            else:
-                self._large = (plen, lens, data, have, body)
+            self._large = (plen, lens, data, have, body)
             return
 
 
