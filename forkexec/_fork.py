@@ -10,6 +10,8 @@ channel would never see EOF) and descriptors do not pile up.
 import atexit
 import os
 import sys
+import threading
+import time
 import weakref
 
 _owned = weakref.WeakSet()
@@ -41,6 +43,25 @@ def flush_stdio():
                 stream.flush()
         except (OSError, ValueError):
             pass
+
+
+def _os_thread_count():
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            data = f.read()
+        return int(data[data.rindex(b")") + 2:].split()[17])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def settle_threads(timeout=0.1):
+    """If Python sees one thread but the OS still counts a thread that is exiting
+    (one we just joined), wait briefly for it, so fork() does not warn for nothing."""
+    if threading.active_count() != 1:
+        return
+    deadline = time.monotonic() + timeout
+    while (_os_thread_count() or 1) > 1 and time.monotonic() < deadline:
+        time.sleep(0.0005)
 
 
 def fork():

@@ -18,13 +18,15 @@ import socket
 import time
 
 from . import _fork
-from .errors import (ChannelBroken, ChannelClosed, ProtocolError, RemoteFailure,
-                     describe_status)
+from .errors import ChannelBroken, ChannelClosed, RemoteFailure, describe_status
 from .wire import DEFAULT_MAX_FRAME, Decoder, encode, loads
 
 IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 #: How long to wait for a peer that closed its end to show up as exited.
 EXIT_GRACE = 2.0
+#: A write to a dead peer must be an error, not a SIGPIPE (which a program may
+#: have set to kill it).
+SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
 
 # Children created in this process: pid -> wait status (None while unreaped).
 _children = {}
@@ -174,7 +176,7 @@ class Channel:
             self._out = []
         try:
             while buffers:
-                sent = self._sock.sendmsg(buffers[:IOV_MAX])
+                sent = self._sock.sendmsg(buffers[:IOV_MAX], (), SEND_FLAGS)
                 buffers = _advance(buffers, sent)
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise self._broken(exc) from None
@@ -193,7 +195,7 @@ class Channel:
         out = self._out
         try:
             while out:
-                sent = self._sock.sendmsg(out[:IOV_MAX], (), socket.MSG_DONTWAIT)
+                sent = self._sock.sendmsg(out[:IOV_MAX], (), SEND_FLAGS | socket.MSG_DONTWAIT)
                 out = _advance(out, sent)
         except BlockingIOError:
             pass
@@ -205,7 +207,7 @@ class Channel:
 
     # -- receiving -----------------------------------------------------------
     def _read_once(self, flags):
-        """One recv into the decoder; returns False at EOF. ProtocolError if EOF splits a frame."""
+        """One recv into the decoder; returns False at EOF."""
         decoder = self._decoder
         target = decoder.read_target()
         try:
@@ -269,7 +271,8 @@ class Channel:
         """Receive one object, blocking (at most ``timeout`` seconds if given).
 
         A failure sent by a child made with :func:`start` is raised here, with
-        the child's traceback as ``__cause__``. ``TimeoutError`` if nothing came.
+        the child's traceback as ``__cause__``. ``TimeoutError`` if nothing came;
+        ``ChannelBroken`` (with the pid and exit status) once the peer has gone.
         """
         self._check_open()
         decoder = self._decoder
@@ -277,11 +280,7 @@ class Channel:
             if timeout is not None and not self.poll(timeout):
                 raise TimeoutError("nothing received within %s seconds" % timeout)
             while not decoder.has_frames():
-                if self._eof:
-                    if not decoder.at_boundary():
-                        raise ProtocolError(
-                            "truncated frame: the peer closed the channel after %d bytes "
-                            "of a message" % decoder.buffered())
+                if self._eof:  # the message says if it went away mid-message
                     raise self._broken()
                 self._read_once(0)
         obj = loads(decoder.pop_frame())

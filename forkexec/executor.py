@@ -30,6 +30,7 @@ a multi-threaded process.
 
 import atexit
 import collections
+import errno
 import itertools
 import mmap
 import os
@@ -182,6 +183,7 @@ class ForkExchangeExecutor(Executor):
         if on_worker_death not in POLICIES:
             raise ValueError("on_worker_death must be 'break' or 'replace', not %r"
                              % (on_worker_death,))
+        _check_fd_budget(max_workers)
         self._max_workers = max_workers
         self._initializer = initializer
         self._initargs = tuple(initargs)
@@ -381,6 +383,30 @@ class ForkExchangeExecutor(Executor):
         return "<ForkExchangeExecutor max_workers=%d %s>" % (self._max_workers, state)
 
 
+#: Descriptors the parent needs besides one per worker: wake-up pipe, control socket,
+#: epoll, and room for the template's fork and a worker being replaced.
+FIXED_FDS = 8
+
+
+def _check_fd_budget(workers):
+    """Refuse at once, rather than half-build a pool, if the fd limit is too low."""
+    try:
+        import resource
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        in_use = len(os.listdir("/proc/self/fd"))
+    except (ImportError, OSError):
+        return
+    if soft == resource.RLIM_INFINITY:
+        return
+    needed = workers + FIXED_FDS
+    if in_use + needed > soft:
+        raise OSError(
+            errno.EMFILE,
+            "ForkExchangeExecutor(max_workers=%d) needs about %d more file descriptors, but only "
+            "%d of the RLIMIT_NOFILE soft limit of %d are free; raise the limit (ulimit -n) or "
+            "use fewer workers" % (workers, needed, max(0, soft - in_use), soft))
+
+
 def _kill_shared(shared, signum, reason):
     shared.kill_reason = reason
     shared.kill_signal = signum
@@ -570,6 +596,7 @@ class _ExchangeLoop:
     # -- set-up and tear-down ---------------------------------------------------------
     def start_template(self, config):
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        _fork.settle_threads()
         try:
             pid = _fork.fork()
         except BaseException:
