@@ -6,6 +6,7 @@
   :class:`Map`, :func:`pmap`, :class:`MakeParallel`, :class:`MakeReusable`.
 """
 
+from .background import BackgroundCallable, BackgroundQueue, PersistentQueue
 from .channel import Channel, create, start, waitall
 from .cpus import usable_cpus
 from .errors import (ChannelBroken, ChannelClosed, ChannelError, ProtocolError,
@@ -17,6 +18,7 @@ from .exchange import (Exchange, MakeParallel, MakeReusable, ManagedCallable, Ma
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackgroundCallable", "BackgroundQueue", "PersistentQueue",
     "Channel", "ChannelBroken", "ExecutorStatistics", "ForkExchangeExecutor", "ChannelClosed", "ChannelError", "Exchange",
     "MakeParallel", "MakeReusable", "ManagedCallable", "Map", "ProtocolError", "Queue",
     "RemoteTraceback", "WorkerDiedError", "create", "pmap", "start", "usable_cpus",

@@ -3,7 +3,8 @@
 Parent -> worker, one frame per batch: ``[(task_id, kind, blob), ...]`` where
 ``blob`` is a pickle made in the parent (so a task that cannot be unpickled
 fails alone): ``CALL`` blobs hold ``(fn, args, kwargs)``, ``CHUNK`` blobs hold
-``(fn, [args, ...])`` for ``map``.
+``(fn, [args, ...])`` for ``map``. ``fn`` is ``(pickle, shareable)``: plain
+functions pickle by name, so the worker unpickles each one once.
 
 Worker -> parent: ``(RESULTS, batch_done, seconds, [(task_id, ok, blob), ...])``
 where each ``blob`` is pickled on its own (an unpicklable result fails only
@@ -58,10 +59,26 @@ def _dump_result(value):
         return False, _dump_failure(err)
 
 
+_functions = {}   # pickled plain function -> the function (they pickle by name)
+FUNCTION_CACHE_SIZE = 512
+
+
+def _function(pickled):
+    blob, shareable = pickled
+    if not shareable:
+        return pickle.loads(blob)
+    fn = _functions.get(blob)
+    if fn is None:
+        if len(_functions) >= FUNCTION_CACHE_SIZE:
+            _functions.clear()
+        fn = _functions[blob] = pickle.loads(blob)
+    return fn
+
+
 def _run_call(blob):
     try:
-        fn, args, kwargs = pickle.loads(blob)
-        value = fn(*args, **kwargs)
+        pickled_fn, args, kwargs = pickle.loads(blob)
+        value = _function(pickled_fn)(*args, **kwargs)
     except BaseException as exc:  # noqa: B902 - SystemExit/KeyboardInterrupt fail their task only
         return False, _dump_failure(exc)
     return _dump_result(value)
@@ -70,7 +87,8 @@ def _run_call(blob):
 def _run_chunk(blob):
     """A map chunk: per-item outcomes, so an exception is raised at its own item."""
     try:
-        fn, chunk = pickle.loads(blob)
+        pickled_fn, chunk = pickle.loads(blob)
+        fn = _function(pickled_fn)
     except BaseException as exc:  # noqa: B902
         return False, _dump_failure(exc)
     outcomes = []

@@ -18,7 +18,8 @@ import socket
 import time
 
 from . import _fork
-from .errors import ChannelBroken, ChannelClosed, RemoteFailure, describe_status
+from .errors import (ChannelBroken, ChannelClosed, ProtocolError, RemoteFailure,
+                     describe_status)
 from .wire import DEFAULT_MAX_FRAME, Decoder, encode, loads
 
 IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
@@ -283,7 +284,11 @@ class Channel:
                 if self._eof:  # the message says if it went away mid-message
                     raise self._broken()
                 self._read_once(0)
-        obj = loads(decoder.pop_frame())
+        try:
+            obj = loads(decoder.pop_frame())
+        except Exception as exc:  # a garbled payload can raise almost anything
+            raise ProtocolError("cannot unpickle a received message: %s: %s"
+                                % (type(exc).__name__, exc)) from exc
         if type(obj) is RemoteFailure:
             raise obj.exception()
         return obj

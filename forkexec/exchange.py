@@ -176,6 +176,8 @@ class Exchange:
             self._reap()
             if self._unreaped:
                 timeout = REAP_POLL if timeout is None else min(timeout, REAP_POLL)
+        if not self._channels and not self._unreaped:
+            timeout = 0  # nothing can become ready: never block forever
         for channel in self._ready(timeout):
             if channel not in self._channels:
                 continue
@@ -330,15 +332,34 @@ class MakeReusable(MakeParallel):
             channel.send(self.callable(*args, **kwargs))
 
 
+class _Failed:
+    __slots__ = ("error",)
+
+    def __init__(self, error):
+        self.error = error
+
+
 class Queue(Exchange):
-    """An exchange whose results are read by iterating, in the order they arrive."""
+    """An exchange whose results are read by iterating, in the order they arrive.
+
+    A child's failure takes its place in that order: it is raised when reached,
+    after the results that arrived before it.
+    """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._results = collections.deque()
 
     def store_data(self, channel):
-        self._results.append(channel.receive())
+        try:
+            value = channel.receive()
+        except Exception as exc:
+            value = _Failed(exc)
+            self._failed.add(channel)
+        self._results.append(value)
+
+    def store_died(self, channel, error):
+        self._results.append(_Failed(error))
 
     def __iter__(self):
         return self
@@ -346,25 +367,21 @@ class Queue(Exchange):
     def __next__(self):
         while not self._results and (self.unfinished() or self._unreaped):
             self.store()
-        if self._results:
-            return self._results.popleft()
-        raise StopIteration
+        if not self._results:
+            raise StopIteration
+        value = self._results.popleft()
+        if isinstance(value, _Failed):
+            raise value.error
+        return value
 
     next = __next__
 
     def __len__(self):
-        """The number of results received but not yet taken."""
+        """The number of results (and failures) received but not yet taken."""
         return len(self._results)
 
 
 _PENDING = object()
-
-
-class _Failed:
-    __slots__ = ("error",)
-
-    def __init__(self, error):
-        self.error = error
 
 
 class Map(Exchange):
@@ -441,6 +458,7 @@ class Map(Exchange):
 
     def __next__(self):
         if self._next >= len(self._results):
+            self.finish()  # every result is in: reap the children that sent them
             raise StopIteration
         index, self._next = self._next, self._next + 1
         return self._result(index)

@@ -41,12 +41,16 @@ import sys
 import threading
 import time
 import traceback
+import types
 import weakref
 from concurrent.futures import CancelledError, Executor, Future
 from concurrent.futures import TimeoutError as FuturesTimeout
 from concurrent.futures.process import BrokenProcessPool
 
 from . import _fork
+from concurrent.futures._base import PENDING, RUNNING
+
+from ._future import FastFuture, transition_lock, usable as _fast_futures_usable
 from ._template import (EXIT, EXITED, SIGNAL, SPAWN, SPAWN_FAILED, SPAWNED, recv_record,
                         send_record, template_main)
 from ._worker import CALL, CHUNK, IDLE, INIT_FAILED, RESULTS
@@ -66,6 +70,13 @@ PIPELINE_BELOW = 0.002
 #: How long shutdown waits for the template to exit before killing it.
 TEMPLATE_EXIT_TIMEOUT = 15.0
 POLICIES = ("break", "replace")
+#: Futures handed to users: FastFuture where this Python's Future has the fields it expects.
+_FAST = _fast_futures_usable()
+_FutureType = FastFuture if _FAST else Future
+#: Pickled plain functions, keyed by the function (they pickle by name, so bytes never change).
+_fn_pickles = {}
+FN_CACHE_SIZE = 512
+_BY_NAME = (types.FunctionType, types.BuiltinFunctionType)
 
 _LIKELY_CAUSES = ("Likely causes: the OOM killer (see dmesg), a segmentation fault in native "
                   "code, os._exit() in a task, or a signal sent from outside.")
@@ -232,9 +243,9 @@ class ForkExchangeExecutor(Executor):
         self._check_usable()
         if self._shared.thread is None:
             self._ensure_started()
-        future = Future()
+        future = _FutureType()
         try:
-            blob = pickle.dumps((fn, args, kwargs), protocol=5)
+            blob = pickle.dumps((_pickled_fn(fn), args, kwargs), protocol=5)
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # noqa: B902 - reported through the future
@@ -259,9 +270,9 @@ class ForkExchangeExecutor(Executor):
             raise RuntimeError("cannot schedule new futures after shutdown")
 
     def _submit_chunk(self, fn, chunk):
-        future = Future()
+        future = _FutureType()
         try:
-            blob = pickle.dumps((fn, chunk), protocol=5)
+            blob = pickle.dumps((_pickled_fn(fn), chunk), protocol=5)
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # noqa: B902
@@ -505,6 +516,28 @@ def _map_results(futures, chunks, submit_next, end_time, chunked, executor_ref):
             future.cancel()
 
 
+def _pickled_fn(fn):
+    """``(pickle, shareable)`` of a task's function. Plain functions pickle by name: their
+    bytes are cached here, and the worker may keep one unpickled copy for all tasks."""
+    if type(fn) in _BY_NAME:
+        blob = _fn_pickles.get(fn)
+        if blob is None:
+            if len(_fn_pickles) >= FN_CACHE_SIZE:
+                _fn_pickles.clear()
+            blob = _fn_pickles[fn] = pickle.dumps(fn, protocol=5)
+        return blob, True
+    return pickle.dumps(fn, protocol=5), False
+
+
+def _finish(future, result=None, exception=None):
+    if _FAST:
+        future.finish(result, exception)
+    elif exception is None:
+        _set_result(future, result)
+    else:
+        _set_exception(future, exception)
+
+
 def _set_exception(future, exc):
     try:
         future.set_exception(exc)
@@ -746,19 +779,16 @@ class _ExchangeLoop:
             size = self.batch_size(len(pending), len(ready))
             if worker.budget is not None:
                 size = min(size, worker.budget)
-            batch = []
+            taken = []
             nbytes = 0
-            while pending and len(batch) < size and nbytes < MAX_BATCH_BYTES:
+            while pending and len(taken) < size and nbytes < MAX_BATCH_BYTES:
                 try:
                     item = pending.popleft()
                 except IndexError:
                     break
-                if not item.started:
-                    if not item.future.set_running_or_notify_cancel():
-                        continue
-                    item.started = True
-                batch.append(item)
+                taken.append(item)
                 nbytes += len(item.blob)
+            batch = _start_running(taken)
             if batch:
                 self.send_batch(worker, batch)
 
@@ -838,10 +868,10 @@ class _ExchangeLoop:
                 continue
             if ok:
                 shared.completed += 1
-                _set_result(item.future, value)
+                _finish(item.future, value)
             else:
                 shared.failed += 1
-                _set_exception(item.future, value.exception())
+                _finish(item.future, None, value.exception())
         if batch_done and worker.batch_sizes:
             per_task = seconds / worker.batch_sizes.popleft()
             self.avg = per_task if self.avg is None else 0.7 * self.avg + 0.3 * per_task
@@ -992,6 +1022,28 @@ class _ExchangeLoop:
             pass
         self.break_pool(BrokenProcessPool(
             "the workers were stopped: %s" % (shared.kill_reason or "killed")))
+
+
+def _start_running(items):
+    """The items whose futures move to RUNNING (cancelled ones are dropped and notified)."""
+    started, cancelled = [], []
+    if _FAST:
+        with transition_lock:
+            for item in items:
+                if item.started or item.future._state == PENDING:
+                    item.future._state = RUNNING
+                    item.started = True
+                    started.append(item)
+                else:
+                    cancelled.append(item)
+        for item in cancelled:
+            item.future.set_running_or_notify_cancel()   # tells wait()/as_completed()
+        return started
+    for item in items:
+        if item.started or item.future.set_running_or_notify_cancel():
+            item.started = True
+            started.append(item)
+    return started
 
 
 def _drain(fd):
