@@ -329,6 +329,8 @@ class ForkExchangeExecutor(Executor):
             raise ValueError("chunksize must be >= 1.")
         end_time = None if timeout is None else timeout + time.monotonic()
         self._check_usable()
+        if self._shared.thread is None:
+            self._ensure_started()
         chunks = _chunked(zip(*iterables), chunksize)
 
         def submit_next(chunk):
@@ -625,6 +627,7 @@ class _ExchangeLoop:
         self.avg = None            # moving average of seconds per task
         self.control = None
         self.template_pid = 0
+        self.in_hand = []          # items off the queue, not yet recorded with a worker
 
     # -- set-up and tear-down ---------------------------------------------------------
     def start_template(self, config):
@@ -788,9 +791,11 @@ class _ExchangeLoop:
                     break
                 taken.append(item)
                 nbytes += len(item.blob)
+            self.in_hand = taken   # so an internal error still fails them
             batch = _start_running(taken)
             if batch:
                 self.send_batch(worker, batch)
+            self.in_hand = []
 
     def send_batch(self, worker, batch):
         frame = []
@@ -1005,6 +1010,9 @@ class _ExchangeLoop:
                 shared.failed += 1
             shared.running -= len(worker.tasks)
             worker.tasks.clear()
+        for item in self.in_hand:
+            _set_exception(item.future, _broken_copy(err))
+        self.in_hand = []
         while shared.pending:
             item = shared.pending.popleft()
             if item.started or item.future.set_running_or_notify_cancel():
