@@ -26,6 +26,7 @@ import struct
 import time
 
 from . import _fork
+from ._worker import worker_main
 
 RECORD = struct.Struct("<iiii")   # kind, a, b, c
 SPAWN, SIGNAL, EXIT, SPAWNED, EXITED, SPAWN_FAILED = range(6)
@@ -126,7 +127,6 @@ class Template:
                     os.close(fd)
             self.selector.close()
             cfg = self.config
-            from ._worker import worker_main
             worker_main(child_end, slot, cfg.marks, cfg.initializer, cfg.initargs,
                         cfg.max_tasks_per_child, cfg.template_pid)
         child_end.close()

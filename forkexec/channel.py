@@ -64,6 +64,7 @@ class Channel:
         self._decoder = Decoder(max_frame)
         self._out = []          # buffers accepted by queue() but not yet written
         self._eof = False
+        self._drained = False   # the last read was short: nothing more is buffered
         self._status = None
         self._reapable = (pid > 0 and pid in _children) if reapable is None else reapable
         _fork.own(self)
@@ -211,6 +212,7 @@ class Channel:
         """One recv into the decoder; returns False at EOF."""
         decoder = self._decoder
         target = decoder.read_target()
+        wanted = len(target)
         try:
             n = self._sock.recv_into(target, 0, flags)
         except ConnectionResetError:
@@ -220,6 +222,8 @@ class Channel:
         if n == 0:
             self._eof = True
             return False
+        # A short read drained the socket: the next recv would only fail with EAGAIN.
+        self._drained = n < wanted
         decoder.commit(n)
         return True
 
@@ -233,7 +237,7 @@ class Channel:
         try:
             while got < limit and not self._eof:
                 before = self._decoder.buffered()
-                if not self._read_once(socket.MSG_DONTWAIT):
+                if not self._read_once(socket.MSG_DONTWAIT) or self._drained:
                     break
                 got += max(1, self._decoder.buffered() - before)
         except BlockingIOError:

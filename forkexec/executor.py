@@ -53,7 +53,7 @@ from concurrent.futures._base import PENDING, RUNNING
 from ._future import FastFuture, transition_lock, usable as _fast_futures_usable
 from ._template import (EXIT, EXITED, SIGNAL, SPAWN, SPAWN_FAILED, SPAWNED, recv_record,
                         send_record, template_main)
-from ._worker import CALL, CHUNK, IDLE, INIT_FAILED, RESULTS
+from ._worker import CALL, CHUNK, IDLE, INIT_FAILED, RESULTS, load_libc
 from .channel import Channel
 from .cpus import usable_cpus
 from .errors import ChannelBroken, RemoteFailure, WorkerDiedError, describe_status
@@ -631,6 +631,7 @@ class _ExchangeLoop:
 
     # -- set-up and tear-down ---------------------------------------------------------
     def start_template(self, config):
+        load_libc()
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         _fork.settle_threads()
         try:
@@ -665,8 +666,6 @@ class _ExchangeLoop:
 
     def run(self):
         try:
-            for slot in range(self.nworkers):
-                self.spawn(slot)
             self.loop()
         except BaseException as exc:  # noqa: B902 - never leave futures hanging
             traceback.print_exc()
@@ -710,6 +709,7 @@ class _ExchangeLoop:
     def wait_template(self):
         deadline = time.monotonic() + TEMPLATE_EXIT_TIMEOUT
         while True:
+            self.discard_control()
             try:
                 pid, _status = os.waitpid(self.template_pid, os.WNOHANG)
             except ChildProcessError:
@@ -730,6 +730,7 @@ class _ExchangeLoop:
                 self.kill_workers()
                 return
             if shared.pending:
+                self.grow()
                 self.dispatch()
             if self.finished():
                 return
@@ -882,6 +883,22 @@ class _ExchangeLoop:
             self.avg = per_task if self.avg is None else 0.7 * self.avg + 0.3 * per_task
 
     # -- processes ---------------------------------------------------------------------
+    def grow(self):
+        """Fork workers on demand: one per queued task without an idle worker to take it,
+        up to max_workers (one task forks one worker, like the standard executor)."""
+        live = len(self.workers) + len(self.spawning)
+        if live >= self.nworkers:
+            return
+        idle = len(self.spawning) + sum(
+            1 for w in self.workers.values() if not w.tasks and not w.retiring)
+        wanted = min(len(self.shared.pending) - idle, self.nworkers - live)
+        if wanted <= 0:
+            return
+        free = (slot for slot in range(self.nworkers)
+                if slot not in self.workers and slot not in self.spawning)
+        for slot in itertools.islice(free, wanted):
+            self.spawn(slot)
+
     def spawn(self, slot):
         self.spawning.add(slot)
         send_record(self.control, SPAWN, slot)
@@ -950,9 +967,7 @@ class _ExchangeLoop:
         if shared.broken is not None or shared.kill_signal is not None:
             return
         if worker.retiring and not worker.tasks and status == 0:
-            if not (shared.shutdown and not shared.pending):
-                shared.replaced += 1
-                self.spawn(worker.slot)
+            shared.replaced += 1   # grow() forks its successor when work is queued
             return
         running_id = self.marks[worker.slot]
         running = worker.tasks.get(running_id)
@@ -985,7 +1000,19 @@ class _ExchangeLoop:
         shared.pending.extendleft(reversed(list(worker.tasks.values())))
         worker.tasks.clear()
         shared.replaced += 1
-        self.spawn(worker.slot)
+
+    def discard_control(self):
+        """While closing: close worker channels the template still sends, so those
+        workers see EOF and exit instead of waiting for the template's grace period."""
+        while True:
+            try:
+                record = recv_record(self.control)
+            except (BlockingIOError, OSError):
+                return
+            if record is None:
+                return
+            if record[4] is not None:
+                os.close(record[4])
 
     def on_template_death(self):
         self.poller.unregister(self.control)
@@ -1056,7 +1083,7 @@ def _start_running(items):
 
 def _drain(fd):
     try:
-        while os.read(fd, 4096):
+        while len(os.read(fd, 4096)) == 4096:
             pass
     except (BlockingIOError, OSError):
         pass
