@@ -6,9 +6,9 @@ fails alone): ``CALL`` blobs hold ``(fn, args, kwargs)``, ``CHUNK`` blobs hold
 ``(fn, [args, ...])`` for ``map``. ``fn`` is ``(pickle, shareable)``: plain
 functions pickle by name, so the worker unpickles each one once.
 
-Worker -> parent: ``(RESULTS, batch_done, seconds, [(task_id, ok, blob), ...])``
+Worker -> parent: ``(RESULTS, batch_done, seconds, [(task_id, ok, blob, seconds), ...])``
 where each ``blob`` is pickled on its own (an unpicklable result fails only
-its task), or ``(INIT_FAILED, failure_blob)`` if the initializer raised.
+its task) and ``seconds`` is how long the task ran, or ``(INIT_FAILED, failure_blob)`` if the initializer raised.
 Results of a long batch are sent every ``FLUSH_EVERY`` seconds, so the parent
 sees progress and knows which tasks are done.
 
@@ -65,9 +65,7 @@ def _dump_failure(exc):
 def _dump_result(value):
     try:
         return True, pickle.dumps(value, protocol=5)
-    except KeyboardInterrupt:
-        raise
-    except BaseException as exc:  # noqa: B902 - anything pickling raises fails this task only
+    except BaseException as exc:  # noqa: B902 - workers ignore SIGINT: any error here is the task's
         err = pickle.PicklingError("cannot pickle the result (a %s object): %s: %s"
                                    % (type(value).__qualname__, type(exc).__name__, exc))
         err.__cause__ = exc
@@ -152,12 +150,12 @@ def _serve(channel, slot, marks, max_tasks):
     while max_tasks is None or done < max_tasks:
         batch = channel.receive()
         results = []
-        started = last_flush = clock()
+        started = last_flush = now = clock()
         for task_id, kind, blob in batch:
             marks[slot] = task_id
             ok, out = RUNNERS[kind](blob)
-            results.append((task_id, ok, out))
-            now = clock()
+            before, now = now, clock()
+            results.append((task_id, ok, out, now - before))
             if now - last_flush > FLUSH_EVERY and len(results) < len(batch):
                 channel.send((RESULTS, False, now - started, results))
                 results = []

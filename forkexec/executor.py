@@ -63,6 +63,8 @@ from .wire import OUT_OF_BAND_MIN, encode
 #: Aim for batches that take about this long to run.
 TARGET_BATCH_SECONDS = 0.005
 MAX_BATCH = 4096
+#: How many functions' durations are remembered.
+COST_TABLE_SIZE = 1024
 #: Stop adding items to a batch past this many bytes of pickled calls.
 MAX_BATCH_BYTES = 1 << 22
 #: Tasks shorter than this get a second batch queued behind the running one.
@@ -104,15 +106,17 @@ class ExecutorStatistics:
 
 
 class _WorkItem:
-    __slots__ = ("future", "task_id", "kind", "blob", "fn", "started")
+    __slots__ = ("future", "task_id", "kind", "blob", "fn", "count", "started", "estimate")
 
-    def __init__(self, future, task_id, kind, blob, fn):
+    def __init__(self, future, task_id, kind, blob, fn, count=1):
         self.future = future
         self.task_id = task_id
         self.kind = kind
         self.blob = blob
         self.fn = fn
+        self.count = count        # calls in this item (a map chunk holds several)
         self.started = False
+        self.estimate = None      # expected seconds when dispatched, None if unknown
 
 
 class _WorkerConfig:
@@ -291,7 +295,7 @@ class ForkExchangeExecutor(Executor):
                                                      {}, exc))
                 return future
             return self._submit_partial_chunk(fn, chunk, outcomes)
-        self._enqueue(_WorkItem(future, next(self._ids), CHUNK, blob, fn))
+        self._enqueue(_WorkItem(future, next(self._ids), CHUNK, blob, fn, len(chunk)))
         return future
 
     def _submit_partial_chunk(self, fn, chunk, outcomes):
@@ -531,6 +535,15 @@ def _pickled_fn(fn):
     return pickle.dumps(fn, protocol=5), False
 
 
+def _cost_key(fn):
+    """Which tasks share a duration estimate: the same plain function, or the same kind
+    of callable (per-call partials or bound methods must not grow the table)."""
+    if type(fn) in _BY_NAME:
+        return fn
+    inner = getattr(fn, "func", None) or getattr(fn, "__func__", None)
+    return (type(fn), inner if type(inner) in _BY_NAME else None)
+
+
 def _finish(future, result=None, exception=None):
     if _FAST:
         future.finish(result, exception)
@@ -593,7 +606,7 @@ def _describe(item):
 
 class _Worker:
     __slots__ = ("slot", "pid", "channel", "tasks", "batch_sizes", "budget", "retiring",
-                 "status", "writing")
+                 "status", "writing", "expected", "unknown")
 
     def __init__(self, slot, pid, channel, budget):
         self.slot = slot
@@ -605,6 +618,8 @@ class _Worker:
         self.retiring = False                 # it will exit (budget spent, or shutdown)
         self.status = None                    # raw wait status, once reported
         self.writing = False                  # registered for EVENT_WRITE
+        self.expected = 0.0                   # estimated seconds of its outstanding tasks
+        self.unknown = 0                      # outstanding tasks of unknown cost
 
 
 class _ExchangeLoop:
@@ -624,7 +639,7 @@ class _ExchangeLoop:
         self.by_pid = {}           # pid -> _Worker
         self.spawning = set()      # slots asked of the template
         self.exited = {}           # pid -> status reported before the worker's EOF
-        self.avg = None            # moving average of seconds per task
+        self.costs = {}            # function key -> moving average of seconds per call
         self.control = None
         self.template_pid = 0
         self.in_hand = []          # items off the queue, not yet recorded with a worker
@@ -758,41 +773,54 @@ class _ExchangeLoop:
         return any(self.accepts(w) for w in self.workers.values())
 
     def accepts(self, worker):
-        depth = 2 if self.avg is None or self.avg < PIPELINE_BELOW else 1
-        return (not worker.retiring and len(worker.batch_sizes) < depth
-                and (worker.budget is None or worker.budget > 0))
+        """An idle worker takes work; a busy one only a second batch behind short known work,
+        so it never sits on a backlog another worker could run."""
+        if worker.retiring or (worker.budget is not None and worker.budget <= 0):
+            return False
+        if not worker.tasks:
+            return True
+        return (len(worker.batch_sizes) < 2 and not worker.unknown
+                and worker.expected < PIPELINE_BELOW)
 
     # -- sending work ------------------------------------------------------------------
-    def batch_size(self, queued, workers):
-        spread = -(-queued // max(1, workers))
-        if self.avg is None:
-            by_time = 1
-        else:
-            by_time = int(TARGET_BATCH_SECONDS / max(self.avg, 1e-7))
-        return max(1, min(spread, by_time, MAX_BATCH))
+    def estimate(self, item):
+        """Expected seconds for an item from its function's measured cost, or None."""
+        cost = self.costs.get(_cost_key(item.fn))
+        return None if cost is None else cost * item.count
 
     def dispatch(self):
+        """Hand queued items to workers that accept them, in batches of about
+        TARGET_BATCH_SECONDS; an item whose cost is unknown goes alone."""
         pending = self.shared.pending
         ready = [w for w in self.workers.values() if self.accepts(w)]
         if not ready:
             return
-        ready.sort(key=lambda w: len(w.batch_sizes))
+        ready.sort(key=lambda w: len(w.tasks))
         for worker in ready:
             if not pending:
                 return
-            size = self.batch_size(len(pending), len(ready))
+            limit = min(MAX_BATCH, -(-len(pending) // len(ready)))
             if worker.budget is not None:
-                size = min(size, worker.budget)
+                limit = min(limit, worker.budget)
             taken = []
-            nbytes = 0
-            while pending and len(taken) < size and nbytes < MAX_BATCH_BYTES:
+            self.in_hand = taken   # so an internal error still fails them
+            nbytes = seconds = 0
+            while len(taken) < limit and nbytes < MAX_BATCH_BYTES and \
+                    seconds < TARGET_BATCH_SECONDS:
                 try:
                     item = pending.popleft()
                 except IndexError:
                     break
+                estimate = self.estimate(item)
+                if estimate is None and taken:
+                    pending.appendleft(item)   # unknown cost: it goes alone, next time
+                    break
+                item.estimate = estimate
                 taken.append(item)
                 nbytes += len(item.blob)
-            self.in_hand = taken   # so an internal error still fails them
+                if estimate is None:
+                    break
+                seconds += estimate
             batch = _start_running(taken)
             if batch:
                 self.send_batch(worker, batch)
@@ -804,6 +832,10 @@ class _ExchangeLoop:
         for item in batch:
             frame.append((item.task_id, item.kind, _wrap_blob(item.blob)))
             tasks[item.task_id] = item
+            if item.estimate is None:
+                worker.unknown += 1
+            else:
+                worker.expected += item.estimate
         worker.batch_sizes.append(len(batch))
         self.shared.running += len(batch)
         if worker.budget is not None:
@@ -857,11 +889,22 @@ class _ExchangeLoop:
         _, batch_done, seconds, results = msg
         shared = self.shared
         tasks = worker.tasks
-        for task_id, ok, blob in results:
+        costs = self.costs
+        for task_id, ok, blob, elapsed in results:
             item = tasks.pop(task_id, None)
             if item is None:
                 continue
             shared.running -= 1
+            if item.estimate is None:
+                worker.unknown -= 1
+            else:
+                worker.expected -= item.estimate
+            key = _cost_key(item.fn)
+            cost = costs.get(key)
+            per_call = elapsed / item.count
+            if cost is None and len(costs) >= COST_TABLE_SIZE:
+                costs.clear()
+            costs[key] = per_call if cost is None else 0.7 * cost + 0.3 * per_call
             try:
                 value = pickle.loads(blob)
             except BaseException as exc:  # noqa: B902 - only this task is lost
@@ -878,9 +921,10 @@ class _ExchangeLoop:
             else:
                 shared.failed += 1
                 _finish(item.future, None, value.exception())
+        if not tasks:
+            worker.expected = 0.0   # no drift from float sums
         if batch_done and worker.batch_sizes:
-            per_task = seconds / worker.batch_sizes.popleft()
-            self.avg = per_task if self.avg is None else 0.7 * self.avg + 0.3 * per_task
+            worker.batch_sizes.popleft()
 
     # -- processes ---------------------------------------------------------------------
     def grow(self):
@@ -967,7 +1011,9 @@ class _ExchangeLoop:
         if shared.broken is not None or shared.kill_signal is not None:
             return
         if worker.retiring and not worker.tasks and status == 0:
-            shared.replaced += 1   # grow() forks its successor when work is queued
+            if not (shared.shutdown and not shared.pending):
+                shared.replaced += 1   # the pool keeps the size it has grown to
+                self.spawn(worker.slot)
             return
         running_id = self.marks[worker.slot]
         running = worker.tasks.get(running_id)
@@ -1000,6 +1046,7 @@ class _ExchangeLoop:
         shared.pending.extendleft(reversed(list(worker.tasks.values())))
         worker.tasks.clear()
         shared.replaced += 1
+        self.spawn(worker.slot)
 
     def discard_control(self):
         """While closing: close worker channels the template still sends, so those
