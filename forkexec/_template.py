@@ -32,6 +32,8 @@ RECORD = struct.Struct("<iiii")   # kind, a, b, c
 SPAWN, SIGNAL, EXIT, SPAWNED, EXITED, SPAWN_FAILED = range(6)
 #: On EXIT, workers that have not exited after this long are killed.
 EXIT_GRACE = 10.0
+#: Send buffer of worker channels (the kernel allocates it only as data queues).
+SOCKET_BUFFER = 1 << 20
 #: Without pidfds, how often to look for exited workers.
 REAP_INTERVAL = 0.05
 
@@ -112,6 +114,8 @@ class Template:
 
     def spawn(self, slot):
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for end in (parent_end, child_end):   # fewer wake-ups for large payloads
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
         try:
             pid = _fork.fork()
         except OSError as exc:

@@ -24,6 +24,7 @@ import time
 from . import _fork
 from .channel import Channel
 from .errors import ChannelBroken, RemoteFailure
+from .wire import OUT_OF_BAND_MIN
 
 CALL, CHUNK = 0, 1
 RESULTS, INIT_FAILED = 0, 1
@@ -155,6 +156,8 @@ def _serve(channel, slot, marks, max_tasks):
             marks[slot] = task_id
             ok, out = RUNNERS[kind](blob)
             before, now = now, clock()
+            if len(out) >= OUT_OF_BAND_MIN:   # large results travel out of band, uncopied
+                out = pickle.PickleBuffer(out)
             results.append((task_id, ok, out, now - before))
             if now - last_flush > FLUSH_EVERY and len(results) < len(batch):
                 channel.send((RESULTS, False, now - started, results))

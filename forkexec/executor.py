@@ -35,6 +35,7 @@ import itertools
 import mmap
 import os
 import pickle
+import select
 import signal
 import socket
 import sys
@@ -722,19 +723,33 @@ class _ExchangeLoop:
         self.marks_map.close()
 
     def wait_template(self):
+        """Reap the template, reading the control socket meanwhile; kill it if it hangs."""
         deadline = time.monotonic() + TEMPLATE_EXIT_TIMEOUT
-        while True:
-            self.discard_control()
+        poller = select.poll()
+        poller.register(self.control, select.POLLIN)
+        pidfd = None
+        if hasattr(os, "pidfd_open"):
             try:
-                pid, _status = os.waitpid(self.template_pid, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid:
-                return
-            if time.monotonic() > deadline:
-                os.kill(self.template_pid, signal.SIGKILL)   # its workers die with it
-                deadline = float("inf")
-            time.sleep(0.002)
+                pidfd = os.pidfd_open(self.template_pid)
+                poller.register(pidfd, select.POLLIN)
+            except OSError:
+                pidfd = None
+        try:
+            while True:
+                self.discard_control()
+                try:
+                    pid, _status = os.waitpid(self.template_pid, os.WNOHANG)
+                except ChildProcessError:
+                    return
+                if pid:
+                    return
+                if time.monotonic() > deadline:
+                    os.kill(self.template_pid, signal.SIGKILL)   # its workers die with it
+                    deadline = float("inf")
+                poller.poll(100 if pidfd is not None else 2)
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
 
     # -- the loop ----------------------------------------------------------------------
     def loop(self):
