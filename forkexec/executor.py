@@ -66,6 +66,12 @@ TARGET_BATCH_SECONDS = 0.005
 MAX_BATCH = 4096
 #: How many functions' durations are remembered.
 COST_TABLE_SIZE = 1024
+#: map(chunksize=1) groups items of functions known to run faster than this...
+AUTO_CHUNK_BELOW = 0.0005
+#: ...into chunks of about this many seconds.
+AUTO_CHUNK_SECONDS = 0.002
+#: Measured seconds per call, by _cost_key (written by exchange threads, read by map).
+_costs = {}
 #: Stop adding items to a batch past this many bytes of pickled calls.
 MAX_BATCH_BYTES = 1 << 22
 #: Tasks shorter than this get a second batch queued behind the running one.
@@ -336,19 +342,39 @@ class ForkExchangeExecutor(Executor):
         self._check_usable()
         if self._shared.thread is None:
             self._ensure_started()
-        chunks = _chunked(zip(*iterables), chunksize)
+        args = zip(*iterables)
+        if chunksize == 1 and buffersize is None:
+            args = list(args)
+            chunksize = self._auto_chunksize(fn, len(args))
+        if chunksize == 1:
+            items = args
 
-        def submit_next(chunk):
-            if chunksize == 1:
-                return self.submit(fn, *chunk[0])
-            return self._submit_chunk(fn, chunk)
+            def submit_next(item):
+                return self.submit(fn, *item)
+        else:
+            items = _chunked(args, chunksize)
+
+            def submit_next(chunk):
+                return self._submit_chunk(fn, chunk)
 
         if buffersize is None:
-            futures = collections.deque(submit_next(c) for c in chunks)
+            futures = collections.deque(map(submit_next, items))
+            items = None
         else:
-            futures = collections.deque(submit_next(c) for c in itertools.islice(chunks, buffersize))
-        return _map_results(futures, chunks if buffersize else None, submit_next,
-                            end_time, chunksize > 1, weakref.ref(self))
+            items = iter(items)
+            futures = collections.deque(map(submit_next, itertools.islice(items, buffersize)))
+        return _map_results(futures, items, submit_next, end_time, chunksize > 1,
+                            weakref.ref(self))
+
+    def _auto_chunksize(self, fn, count):
+        """Group a map's items when ``fn`` is known to be tiny: results, their order and
+        per-item exceptions are unchanged, the cost per item falls many times."""
+        cost = _costs.get(_cost_key(fn))
+        if cost is None or cost >= AUTO_CHUNK_BELOW:
+            return 1
+        per_chunk = int(AUTO_CHUNK_SECONDS / max(cost, 1e-7))
+        spread = count // (4 * self._max_workers)
+        return max(1, min(per_chunk, spread, MAX_BATCH))
 
     def shutdown(self, wait=True, *, cancel_futures=False):
         """Stop accepting work; with ``wait``, return once everything has finished
@@ -640,7 +666,7 @@ class _ExchangeLoop:
         self.by_pid = {}           # pid -> _Worker
         self.spawning = set()      # slots asked of the template
         self.exited = {}           # pid -> status reported before the worker's EOF
-        self.costs = {}            # function key -> moving average of seconds per call
+        self.costs = _costs        # function key -> moving average of seconds per call
         self.control = None
         self.template_pid = 0
         self.in_hand = []          # items off the queue, not yet recorded with a worker
