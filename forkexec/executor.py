@@ -369,6 +369,8 @@ class ForkExchangeExecutor(Executor):
     def _auto_chunksize(self, fn, count):
         """Group a map's items when ``fn`` is known to be tiny: results, their order and
         per-item exceptions are unchanged, the cost per item falls many times."""
+        if self._max_tasks_per_child is not None:
+            return 1   # a chunk counts as one task: grouping would stretch the limit
         cost = _costs.get(_cost_key(fn))
         if cost is None or cost >= AUTO_CHUNK_BELOW:
             return 1
