@@ -27,7 +27,7 @@ from . import _fork
 from ._future import FastFuture, transition_lock, usable as _fast_futures_usable
 from ._template import (EXIT, EXITED, SIGNAL, SPAWN, SPAWN_FAILED, SPAWNED, recv_record,
                         send_record, template_main)
-from ._worker import IDLE, INIT_FAILED, RESULTS, load_libc
+from ._worker import IDLE, INIT_FAILED, INLINE_OK, RESULTS, load_libc
 from .channel import Channel
 from .errors import ChannelBroken, WorkerDiedError, describe_status
 from .exchange import Poller
@@ -36,6 +36,9 @@ from .wire import OUT_OF_BAND_MIN, encode
 #: Aim for batches that take about this long to run.
 TARGET_BATCH_SECONDS = 0.005
 MAX_BATCH = 4096
+#: Batches of known-cost tasks carry at least this much work, however many workers wait:
+#: more, smaller frames only add system calls and wake-ups.
+MIN_BATCH_SECONDS = 0.001
 #: How many functions' durations are remembered.
 COST_TABLE_SIZE = 1024
 #: Measured seconds per call, by cost_key (written by exchange threads, read by map).
@@ -338,7 +341,14 @@ class ExchangeLoop:
         for worker in ready:
             if not pending:
                 return
-            limit = min(MAX_BATCH, -(-len(pending) // len(ready)))
+            limit = -(-len(pending) // len(ready))   # spread the queue over ready workers...
+            try:
+                head_cost = self.estimate(pending[0])
+            except IndexError:
+                return
+            if head_cost is not None:   # ...but tiny tasks still go in worthwhile batches
+                limit = max(limit, int(MIN_BATCH_SECONDS / max(head_cost, 1e-7)))
+            limit = min(limit, MAX_BATCH)
             if worker.budget is not None:
                 limit = min(limit, worker.budget)
             taken = []
@@ -428,7 +438,8 @@ class ExchangeLoop:
         _, batch_done, seconds, results = msg
         shared = self.shared
         tasks = worker.tasks
-        costs = self.costs
+        spent = {}   # cost key -> [seconds, calls] in this message
+        last_fn = last_key = None
         for task_id, ok, blob, elapsed in results:
             item = tasks.pop(task_id, None)
             if item is None:
@@ -438,12 +449,18 @@ class ExchangeLoop:
                 worker.unknown -= 1
             else:
                 worker.expected -= item.estimate
-            key = cost_key(item.fn)
-            cost = costs.get(key)
-            per_call = elapsed / item.count
-            if cost is None and len(costs) >= COST_TABLE_SIZE:
-                costs.clear()
-            costs[key] = per_call if cost is None else 0.7 * cost + 0.3 * per_call
+            if item.fn is not last_fn:
+                last_fn, last_key = item.fn, cost_key(item.fn)
+            total = spent.get(last_key)
+            if total is None:
+                spent[last_key] = [elapsed, item.count]
+            else:
+                total[0] += elapsed
+                total[1] += item.count
+            if ok == INLINE_OK:
+                shared.completed += 1
+                finish_future(item.future, blob)
+                continue
             try:
                 value = pickle.loads(blob)
             except BaseException as exc:  # noqa: B902 - only this task is lost
@@ -460,10 +477,21 @@ class ExchangeLoop:
             else:
                 shared.failed += 1
                 finish_future(item.future, None, value.exception())
+        self.learn(spent)
         if not tasks:
             worker.expected = 0.0   # no drift from float sums
         if batch_done and worker.batch_sizes:
             worker.batch_sizes.popleft()
+
+    def learn(self, spent):
+        """Fold measured durations into the per-function cost table."""
+        costs = self.costs
+        for key, (seconds, calls) in spent.items():
+            per_call = seconds / calls
+            cost = costs.get(key)
+            if cost is None and len(costs) >= COST_TABLE_SIZE:
+                costs.clear()
+            costs[key] = per_call if cost is None else 0.7 * cost + 0.3 * per_call
 
     # -- processes ---------------------------------------------------------------------
     def grow(self):

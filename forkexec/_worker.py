@@ -7,8 +7,9 @@ fails alone): ``CALL`` blobs hold ``(fn, args, kwargs)``, ``CHUNK`` blobs hold
 functions pickle by name, so the worker unpickles each one once.
 
 Worker -> parent: ``(RESULTS, batch_done, seconds, [(task_id, ok, blob, seconds), ...])``
-where each ``blob`` is pickled on its own (an unpicklable result fails only
-its task) and ``seconds`` is how long the task ran, or ``(INIT_FAILED, failure_blob)`` if the initializer raised.
+where ``ok`` is FAILED, OK or INLINE_OK: each ``blob`` is pickled on its own
+(an unpicklable result fails only its task) unless it is a small value of a
+builtin type, carried as is; ``seconds`` is how long the task ran. Or ``(INIT_FAILED, failure_blob)`` if the initializer raised.
 Results of a long batch are sent every ``FLUSH_EVERY`` seconds, so the parent
 sees progress and knows which tasks are done.
 
@@ -27,6 +28,12 @@ from .errors import ChannelBroken, RemoteFailure
 from .wire import OUT_OF_BAND_MIN
 
 CALL, CHUNK = 0, 1
+#: Result kinds: a pickled failure, a pickled value, a value carried in the frame itself.
+FAILED, OK, INLINE_OK = 0, 1, 2
+#: Results of these exact types cannot fail to unpickle: they skip their own pickle.
+INLINE = frozenset((int, float, bool, type(None), complex, str, bytes))
+SIZED = frozenset((str, bytes))
+INLINE_MAX = 1 << 12
 RESULTS, INIT_FAILED = 0, 1
 FLUSH_EVERY = 0.05
 IDLE = -1
@@ -95,31 +102,34 @@ def _run_call(blob):
         value = _function(pickled_fn)(*args, **kwargs)
     except BaseException as exc:  # noqa: B902 - SystemExit/KeyboardInterrupt fail their task only
         return False, _dump_failure(exc)
+    if type(value) in INLINE and (type(value) not in SIZED or len(value) < INLINE_MAX):
+        return INLINE_OK, value
     return _dump_result(value)
 
 
 def _run_chunk(blob):
-    """A map chunk: per-item outcomes, so an exception is raised at its own item."""
+    """A map chunk: ``(values, {index: failure})``, so an exception is raised at its item."""
     try:
-        pickled_fn, chunk = pickle.loads(blob)
+        pickled_fn, star, chunk = pickle.loads(blob)
         fn = _function(pickled_fn)
     except BaseException as exc:  # noqa: B902
         return False, _dump_failure(exc)
-    outcomes = []
-    for args in chunk:
+    values, failures = [], {}
+    for item in chunk:
         try:
-            outcomes.append((True, fn(*args)))
+            values.append(fn(*item) if star else fn(item))
         except BaseException as exc:  # noqa: B902
-            outcomes.append((False, RemoteFailure.capture(exc)))
-    ok, blob = _dump_result(outcomes)
+            failures[len(values)] = RemoteFailure.capture(exc)
+            values.append(None)
+    ok, blob = _dump_result((values, failures))
     if ok:
         return ok, blob
-    # Some item's value does not pickle: find it and fail that item alone.
-    fixed = []
-    for ok, value in outcomes:
-        item_ok, item_blob = _dump_result(value) if ok else (True, None)
-        fixed.append((ok, value) if item_ok else (False, pickle.loads(item_blob)))
-    return _dump_result(fixed)
+    # Some value does not pickle: find it and fail that item alone.
+    for i, value in enumerate(values):
+        if i not in failures and not _dump_result(value)[0]:
+            failures[i] = pickle.loads(_dump_result(value)[1])
+            values[i] = None
+    return _dump_result((values, failures))
 
 
 RUNNERS = {CALL: _run_call, CHUNK: _run_chunk}
@@ -156,7 +166,7 @@ def _serve(channel, slot, marks, max_tasks):
             marks[slot] = task_id
             ok, out = RUNNERS[kind](blob)
             before, now = now, clock()
-            if len(out) >= OUT_OF_BAND_MIN:   # large results travel out of band, uncopied
+            if ok != INLINE_OK and len(out) >= OUT_OF_BAND_MIN:   # out of band, uncopied
                 out = pickle.PickleBuffer(out)
             results.append((task_id, ok, out, now - before))
             if now - last_flush > FLUSH_EVERY and len(results) < len(batch):

@@ -28,6 +28,8 @@ EXIT_GRACE = 2.0
 #: A write to a dead peer must be an error, not a SIGPIPE (which a program may
 #: have set to kill it).
 SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
+#: send_many joins the frames of a batch smaller than this into one buffer.
+JOIN_BATCH_BELOW = 1 << 20
 
 # Children created in this process: pid -> wait status (None while unreaped).
 _children = {}
@@ -64,6 +66,7 @@ class Channel:
         self._decoder = Decoder(max_frame)
         self._out = []          # buffers accepted by queue() but not yet written
         self._eof = False
+        self._watcher = None    # a set told about buffered messages (see report_buffered_to)
         self._drained = False   # the last read was short: nothing more is buffered
         self._status = None
         self._reapable = (pid > 0 and pid in _children) if reapable is None else reapable
@@ -170,6 +173,8 @@ class Channel:
         buffers = []
         for obj in objs:
             buffers.extend(encode_for_send(obj))
+        if len(buffers) > 1 and sum(map(len, buffers)) < JOIN_BATCH_BELOW:
+            buffers = [b"".join(buffers)]   # one copy is cheaper than many iovecs
         self._write_all(buffers)
 
     def _write_all(self, buffers):
@@ -177,6 +182,9 @@ class Channel:
             buffers = self._out + list(buffers)
             self._out = []
         try:
+            if len(buffers) == 1:  # the common case: one small frame, or a joined batch
+                self._sock.sendall(buffers[0], SEND_FLAGS)
+                return
             while buffers:
                 sent = self._sock.sendmsg(buffers[:IOV_MAX], (), SEND_FLAGS)
                 buffers = _advance(buffers, sent)
@@ -221,11 +229,23 @@ class Channel:
             del target
         if n == 0:
             self._eof = True
+            if self._watcher is not None:
+                self._watcher.add(self)
             return False
         # A short read drained the socket: the next recv would only fail with EAGAIN.
         self._drained = n < wanted
         decoder.commit(n)
+        if self._watcher is not None and decoder.has_frames():
+            self._watcher.add(self)
         return True
+
+    def report_buffered_to(self, watcher):
+        """Add this channel to the set ``watcher`` whenever a read leaves a message
+        (or the end of the stream) buffered here, so that a readiness loop finds
+        such channels without scanning them all. None stops the reports."""
+        self._watcher = watcher
+        if watcher is not None and (self._eof or self._decoder.has_frames()):
+            watcher.add(self)
 
     def read_nowait(self, limit=1 << 22):
         """Read what is available without blocking (up to about ``limit`` bytes).

@@ -79,6 +79,9 @@ class Exchange:
         self._waiting = collections.deque()   # queued (callable, args, kwargs, tag)
         self._tags = {}            # channel -> tag of the work it is doing (Map's index)
         self._unreaped = {}        # pid -> channel: removed, but the process has not exited
+        # Channels that may hold a message or EOF already read into memory: they
+        # report themselves here, so ready() need not scan every channel.
+        self._buffered = set()
         for ch in channels or ():
             self.add(ch)
 
@@ -87,6 +90,7 @@ class Exchange:
         """Watch ``channel``."""
         self._poller.register(channel.fileno(), Poller.READ, channel)
         self._channels[channel] = 0
+        channel.report_buffered_to(self._buffered)
 
     def remove(self, channel):
         """Stop watching ``channel``; with autoclose, close it and reap its process.
@@ -97,6 +101,8 @@ class Exchange:
         if self._channels.pop(channel, None) is None and channel.closed:
             return
         self._poller.unregister(channel.fileno())
+        channel.report_buffered_to(None)
+        self._buffered.discard(channel)
         self._tags.pop(channel, None)
         self._failed.discard(channel)
         if self.autoclose:
@@ -141,7 +147,9 @@ class Exchange:
         Channels holding a message that was already read into memory are
         returned at once, without waiting.
         """
-        buffered = [ch for ch in self._channels if ch.has_message() or ch.at_eof]
+        buffered = [ch for ch in self._buffered if ch.has_message() or ch.at_eof]
+        if len(buffered) < len(self._buffered):  # forget those whose messages were taken
+            self._buffered.intersection_update(buffered)
         if buffered:
             timeout = 0
         seen = set(buffered)

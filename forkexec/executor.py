@@ -88,6 +88,7 @@ class _Shared:
 
     def __init__(self, owner_pid):
         self.owner_pid = owner_pid
+        self.foreign = False        # set in a forked child: this executor is not ours
         self.pending = collections.deque()
         self.sleeping = False       # the thread is (about to be) blocked in poll
         self.shutdown = False       # no new work; finish what is queued and stop
@@ -103,6 +104,7 @@ class _Shared:
     def _after_fork_in_child(self):
         # A forked child must never write to the parent's wake-up pipe.
         self.wake_w = self.wake_r = -1
+        self.foreign = True
 
     def wake(self):
         try:
@@ -161,6 +163,9 @@ class ForkExchangeExecutor(Executor):
     # -- starting --------------------------------------------------------------
     def _check_usable(self):
         shared = self._shared
+        if not (shared.foreign or shared.shutdown or self._shutdown_requested
+                or shared.broken is not None):
+            return   # the common case, without a getpid() system call
         if shared.owner_pid != os.getpid():
             raise RuntimeError(
                 "this ForkExchangeExecutor belongs to process %d and cannot be used in process "
@@ -222,50 +227,58 @@ class ForkExchangeExecutor(Executor):
                 raise broken_copy(shared.broken)
             raise RuntimeError("cannot schedule new futures after shutdown")
 
-    def _submit_chunk(self, fn, chunk):
+    def _submit_chunk(self, fn, chunk, star):
+        """One work item running ``fn`` over ``chunk`` (argument tuples if ``star``).
+        Its result is ``(values, {index: RemoteFailure})``."""
         future = FutureType()
         try:
-            blob = pickle.dumps((_pickled_fn(fn), chunk), protocol=5)
+            blob = pickle.dumps((_pickled_fn(fn), star, chunk), protocol=5)
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # noqa: B902
-            # Find the item that does not pickle, so only it fails.
-            outcomes = []
-            for args in chunk:
-                try:
-                    pickle.dumps((fn, args), protocol=5)
-                except BaseException as item_exc:  # noqa: B902
-                    outcomes.append((False, RemoteFailure(
-                        _pickling_error(fn, args, {}, item_exc), "")))
-                else:
-                    outcomes.append(None)
-            if all(o is not None for o in outcomes) or len(chunk) == 1:
-                future.set_exception(_pickling_error(fn, chunk[0] if len(chunk) == 1 else (),
-                                                     {}, exc))
-                return future
-            return self._submit_partial_chunk(fn, chunk, outcomes)
+            return self._submit_partial_chunk(fn, chunk, star, exc)
         self._enqueue(WorkItem(future, next(self._ids), CHUNK, blob, fn, len(chunk)))
         return future
 
-    def _submit_partial_chunk(self, fn, chunk, outcomes):
-        """A chunk where some items do not pickle: run the others, fail those in place."""
-        good = [args for args, o in zip(chunk, outcomes) if o is None]
-        inner = self._submit_chunk(fn, good) if good else None
+    def _submit_partial_chunk(self, fn, chunk, star, exc):
+        """A chunk that does not pickle: fail the items that do not, run the others."""
+        failures = {}
+        for i, item in enumerate(chunk):
+            args = item if star else (item,)
+            try:
+                pickle.dumps(args, protocol=5)
+            except BaseException as item_exc:  # noqa: B902
+                failures[i] = RemoteFailure(_pickling_error(fn, args, {}, item_exc), "")
+        if not failures:  # the function itself does not pickle: the whole chunk fails
+            future = FutureType()
+            future.set_exception(_pickling_error(fn, (), {}, exc))
+            return future
+        good = [item for i, item in enumerate(chunk) if i not in failures]
         future = Future()
+        if not good:
+            future.set_result(([None] * len(chunk), failures))
+            return future
+        inner = self._submit_chunk(fn, good, star)
 
         def merge(done):
             try:
-                results = iter(done.result())
-            except BaseException as exc:  # noqa: B902
-                future.set_exception(exc)
+                values, inner_failures = done.result()
+            except BaseException as err:  # noqa: B902
+                future.set_exception(err)
                 return
-            future.set_result([o if o is not None else next(results) for o in outcomes])
+            merged, merged_failures, it = [], dict(failures), iter(range(len(good)))
+            for i in range(len(chunk)):
+                if i in failures:
+                    merged.append(None)
+                    continue
+                j = next(it)
+                merged.append(values[j])
+                if j in inner_failures:
+                    merged_failures[i] = inner_failures[j]
+            future.set_result((merged, merged_failures))
 
-        if inner is None:
-            future.set_result(outcomes)
-        else:
-            future.set_running_or_notify_cancel()
-            inner.add_done_callback(merge)
+        future.set_running_or_notify_cancel()
+        inner.add_done_callback(merge)
         return future
 
     def map(self, fn, *iterables, timeout=None, chunksize=1, buffersize=None):
@@ -284,7 +297,8 @@ class ForkExchangeExecutor(Executor):
         self._check_usable()
         if self._shared.thread is None:
             self._ensure_started()
-        args = zip(*iterables)
+        star = len(iterables) != 1   # one iterable: items go as they are, not as 1-tuples
+        args = zip(*iterables) if star else iter(iterables[0])
         if chunksize == 1 and buffersize is None:
             args = list(args)
             chunksize = self._auto_chunksize(fn, len(args))
@@ -292,12 +306,12 @@ class ForkExchangeExecutor(Executor):
             items = args
 
             def submit_next(item):
-                return self.submit(fn, *item)
+                return self.submit(fn, *item) if star else self.submit(fn, item)
         else:
             items = _chunked(args, chunksize)
 
             def submit_next(chunk):
-                return self._submit_chunk(fn, chunk)
+                return self._submit_chunk(fn, chunk, star)
 
         if buffersize is None:
             futures = collections.deque(map(submit_next, items))
@@ -466,6 +480,9 @@ def _chunked(iterable, size):
         yield chunk
 
 
+_END = object()
+
+
 def _map_results(futures, chunks, submit_next, end_time, chunked, executor_ref):
     """The generator behind map(); it cancels what is left when closed or dropped."""
     try:
@@ -473,8 +490,8 @@ def _map_results(futures, chunks, submit_next, end_time, chunked, executor_ref):
             future = futures.popleft()
             if chunks is not None:
                 executor = executor_ref()
-                nxt = next(chunks, None) if executor is not None else None
-                if nxt is not None:
+                nxt = next(chunks, _END) if executor is not None else _END
+                if nxt is not _END:
                     futures.append(submit_next(nxt))
                 del executor
             if end_time is None:
@@ -484,9 +501,13 @@ def _map_results(futures, chunks, submit_next, end_time, chunked, executor_ref):
             if not chunked:
                 yield value
                 continue
-            for ok, item in value:
-                if not ok:
-                    raise item.exception()
+            values, failures = value
+            if not failures:
+                yield from values
+                continue
+            for i, item in enumerate(values):
+                if i in failures:
+                    raise failures[i].exception()
                 yield item
     finally:
         for future in futures:

@@ -20,6 +20,7 @@ frames are read straight into their final place) and yields :class:`Frame`
 objects; :func:`loads` unpickles one. Nothing here does I/O.
 """
 
+import collections
 import mmap
 import pickle
 import struct
@@ -70,8 +71,33 @@ class _OutOfBand:
         return type(self.data), (pickle.PickleBuffer(self.data),)
 
 
+_BLOBS = (bytes, bytearray)
+#: The first 8 header bytes of a frame without out-of-band buffers.
+_PLAIN = MAGIC + bytes([VERSION, 0]) + b"\0\0\0\0"
+_pack_plain = struct.Struct("<8sQ").pack
+_unpack_plain = struct.Struct("<8sQ").unpack_from
+
+
 def dumps(obj):
     """Pickle ``obj`` as (payload, [buffers]); raises pickling errors unchanged."""
+    if type(obj) in _BLOBS and len(obj) >= OUT_OF_BAND_MIN:
+        obj = _OutOfBand(obj)
+    # Fast path: every buffer out of band (most messages have none at all).
+    buffers = []
+    payload = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    if not buffers:
+        return payload, buffers
+    try:
+        buffers = [pb.raw() for pb in buffers]
+    except BufferError:  # not contiguous: must go in band
+        return _dumps_selective(obj)
+    if len(buffers) <= MAX_BUFFERS and all(b.nbytes >= OUT_OF_BAND_MIN for b in buffers):
+        return payload, buffers
+    return _dumps_selective(obj)
+
+
+def _dumps_selective(obj):
+    """Pickle again, keeping small (and surplus) buffers in band."""
     buffers = []
 
     def collect(pb):
@@ -80,17 +106,16 @@ def dumps(obj):
         buffers.append(pb.raw())
         return False
 
-    if type(obj) in (bytes, bytearray) and len(obj) >= OUT_OF_BAND_MIN:
-        obj = _OutOfBand(obj)
-
     payload = pickle.dumps(obj, protocol=5, buffer_callback=collect)
     return payload, buffers
 
 
 def frame_buffers(payload, buffers=()):
     """The iovec list of one frame from an already pickled payload."""
-    header = HEADER.pack(MAGIC, VERSION, 0, len(buffers), len(payload))
-    if buffers:
+    if not buffers:
+        header = _pack_plain(_PLAIN, len(payload))
+    else:
+        header = HEADER.pack(MAGIC, VERSION, 0, len(buffers), len(payload))
         header += b"".join(LENGTH.pack(b.nbytes) for b in buffers)
     if len(payload) < JOIN_BELOW:
         return [header + payload, *buffers]
@@ -100,6 +125,8 @@ def frame_buffers(payload, buffers=()):
 def encode(obj):
     """Return the buffers of one frame carrying ``obj`` (pickling errors propagate)."""
     payload, buffers = dumps(obj)
+    if not buffers and len(payload) < JOIN_BELOW:
+        return [_pack_plain(_PLAIN, len(payload)) + payload]
     return frame_buffers(payload, buffers)
 
 
@@ -134,7 +161,7 @@ class Decoder:
         self._buf = bytearray(READ_CHUNK)
         self._start = 0
         self._end = 0
-        self._frames = []
+        self._frames = collections.deque()
         # A frame too large for the read buffer: (payload length, lengths, data, filled, body size)
         self._large = None
 
@@ -179,15 +206,17 @@ class Decoder:
 
     # -- results -----------------------------------------------------------
     def pop_frames(self):
-        """Return and forget the frames decoded so far."""
-        frames, self._frames = self._frames, []
+        """Return and forget the frames decoded so far (a list)."""
+        frames = list(self._frames)
+        self._frames.clear()
         return frames
 
     def has_frames(self):
         return bool(self._frames)
 
     def pop_frame(self):
-        return self._frames.pop(0)
+        """The oldest decoded frame (IndexError if there is none)."""
+        return self._frames.popleft()
 
     def at_boundary(self):
         """True when no partial frame is buffered (an EOF here is a clean one)."""
@@ -207,49 +236,64 @@ class Decoder:
             self._start, self._end = 0, end - start
 
     def _parse(self):
-        buf = self._buf
-        while True:
-            start, avail = self._start, self._end - self._start
-            if avail < HEADER.size:
-                return
-            magic, version, _flags, nbuf, plen = HEADER.unpack_from(buf, start)
-            if magic != MAGIC:
-                raise ProtocolError(
-                    "bad frame magic %r - wire protocol corruption?" % bytes(magic))
-            if version != VERSION:
-                raise ProtocolError("unknown wire protocol version %d" % version)
-            if nbuf > MAX_BUFFERS:
-                raise ProtocolError(
-                    "frame declares %d out-of-band buffers (limit %d) - "
-                    "wire protocol corruption?" % (nbuf, MAX_BUFFERS))
-            hsize = HEADER.size + LENGTH.size * nbuf
-            if avail < hsize:
-                if hsize > len(buf) - start:
-                    self._compact()
-                return
-            lens = struct.unpack_from("<%dQ" % nbuf, buf, start + HEADER.size) if nbuf else ()
-            body = plen + sum(lens)
-            if body > self.max_frame:
-                raise ProtocolError(
-                    "frame of %d bytes exceeds the limit of %d bytes" % (body, self.max_frame))
-            if avail >= hsize + body:
-                first = start + hsize
-                self._frames.append(_split_copy(buf, first, plen, lens))
-                self._start = first + body
-                if self._start == self._end:
-                    self._start = self._end = 0
+        buf, frames, end, max_frame = self._buf, self._frames, self._end, self.max_frame
+        start = self._start
+        size = HEADER.size
+        while end - start >= size:
+            # Fast path: a complete frame without out-of-band buffers.
+            prefix, plen = _unpack_plain(buf, start)
+            stop = start + size + plen
+            if prefix == _PLAIN and stop <= end and plen <= max_frame:
+                frames.append(Frame(buf[start + size:stop]))
+                start = stop
                 continue
-            if hsize + body <= len(buf):
-                if hsize + body > len(buf) - start:
-                    self._compact()
+            self._start = start
+            if not self._parse_one():
                 return
-            # Too big for the read buffer: move what we have into a buffer of its own.
-            have = avail - hsize
-            data = mmap.mmap(-1, max(have, min(body, GROW_FROM)), flags=mmap.MAP_PRIVATE)
-            data[:have] = buf[start + hsize: self._end]
+            start = self._start
+        self._start = start
+        if start == end:
             self._start = self._end = 0
-            self._large = (plen, lens, data, have, body)
-            return
+
+    def _parse_one(self):
+        """Check the frame at ``_start``; take it if complete. False when more data is needed."""
+        buf, start = self._buf, self._start
+        avail = self._end - start
+        magic, version, _flags, nbuf, plen = HEADER.unpack_from(buf, start)
+        if magic != MAGIC:
+            raise ProtocolError("bad frame magic %r - wire protocol corruption?" % bytes(magic))
+        if version != VERSION:
+            raise ProtocolError("unknown wire protocol version %d" % version)
+        if nbuf > MAX_BUFFERS:
+            raise ProtocolError(
+                "frame declares %d out-of-band buffers (limit %d) - "
+                "wire protocol corruption?" % (nbuf, MAX_BUFFERS))
+        hsize = HEADER.size + LENGTH.size * nbuf
+        if avail < hsize:
+            if hsize > len(buf) - start:
+                self._compact()
+            return False
+        lens = struct.unpack_from("<%dQ" % nbuf, buf, start + HEADER.size) if nbuf else ()
+        body = plen + sum(lens)
+        if body > self.max_frame:
+            raise ProtocolError(
+                "frame of %d bytes exceeds the limit of %d bytes" % (body, self.max_frame))
+        if avail >= hsize + body:
+            first = start + hsize
+            self._frames.append(_split_copy(buf, first, plen, lens))
+            self._start = first + body
+            return True
+        if hsize + body <= len(buf):
+            if hsize + body > len(buf) - start:
+                self._compact()
+            return False
+        # Too big for the read buffer: move what we have into a buffer of its own.
+        have = avail - hsize
+        data = mmap.mmap(-1, max(have, min(body, GROW_FROM)), flags=mmap.MAP_PRIVATE)
+        data[:have] = buf[start + hsize: self._end]
+        self._start = self._end = 0
+        self._large = (plen, lens, data, have, body)
+        return False
 
 
 def _split(view, plen, lens):
