@@ -9,9 +9,10 @@ subclass that creates its condition only when some thread must wait or be told
 
 Correctness rests on two orders, both safe under the GIL:
 
-* the exchange thread writes the outcome, then ``_state = FINISHED``, and only
-  then looks for a condition: a thread that created one earlier is notified;
-  a thread that creates one later finds the state already FINISHED;
+* a condition is created, and a condition-less future finished, only under one
+  lock: either the future is finished before anyone can wait on it (they then
+  see FINISHED), or the finishing happens under its condition like the standard
+  Future (so ``wait``/``as_completed`` count it exactly once);
 * PENDING -> RUNNING (dispatch) and PENDING -> CANCELLED (``cancel``) happen
   under one lock shared by all FastFutures, so a cancelled future never runs;
   the dispatcher takes it once per batch, not per task.
@@ -43,7 +44,10 @@ class FastFuture(Future):
     def _condition(self):
         cond = self.__dict__.get("_cond")
         if cond is None:
-            cond = self.__dict__.setdefault("_cond", threading.Condition())
+            with transition_lock:   # so finish() sees either no condition or this one
+                cond = self.__dict__.get("_cond")
+                if cond is None:
+                    cond = self.__dict__["_cond"] = threading.Condition()
         return cond
 
     def done(self):
@@ -75,24 +79,47 @@ class FastFuture(Future):
 
     def finish(self, result=None, exception=None):
         """Complete a RUNNING future (exchange thread only); a finished one is left alone."""
-        if self._state != RUNNING:
-            return
-        if exception is None:
-            self._result = result
-        else:
-            self._exception = exception
-        self._state = FINISHED
-        cond = self.__dict__.get("_cond")
-        if cond is None:
-            return
+        finish_all(((self, result, exception),))
+
+
+def finish_all(outcomes):
+    """Complete RUNNING FastFutures from ``(future, result, exception)`` triples.
+
+    Futures nobody has made a condition for are finished under one acquisition of
+    the transition lock (so no condition, waiter or callback can appear half-way);
+    the others under their own condition, like the standard Future.
+    """
+    watched = []
+    with transition_lock:
+        for outcome in outcomes:
+            future = outcome[0]
+            if future._state != RUNNING:
+                continue
+            if "_cond" in future.__dict__:
+                watched.append(outcome)
+            elif outcome[2] is None:
+                future._result = outcome[1]
+                future._state = FINISHED
+            else:
+                future._exception = outcome[2]
+                future._state = FINISHED
+    for future, result, exception in watched:
+        cond = future.__dict__["_cond"]
         with cond:
-            for waiter in self._waiters:
+            if future._state != RUNNING:
+                continue
+            if exception is None:
+                future._result = result
+            else:
+                future._exception = exception
+            future._state = FINISHED
+            for waiter in future._waiters:
                 if exception is None:
-                    waiter.add_result(self)
+                    waiter.add_result(future)
                 else:
-                    waiter.add_exception(self)
+                    waiter.add_exception(future)
             cond.notify_all()
-        self._invoke_callbacks()
+        future._invoke_callbacks()
 
 
 def usable():

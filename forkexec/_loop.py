@@ -9,6 +9,7 @@ fails only the task it was running (read from a shared-memory slot).
 """
 
 import collections
+import errno
 import itertools
 import mmap
 import os
@@ -24,7 +25,7 @@ from concurrent.futures._base import PENDING, RUNNING
 from concurrent.futures.process import BrokenProcessPool
 
 from . import _fork
-from ._future import FastFuture, transition_lock, usable as _fast_futures_usable
+from ._future import FastFuture, finish_all, transition_lock, usable as _fast_futures_usable
 from ._template import (EXIT, EXITED, SIGNAL, SPAWN, SPAWN_FAILED, SPAWNED, recv_record,
                         send_record, template_main)
 from ._worker import IDLE, INIT_FAILED, INLINE_OK, RESULTS, load_libc
@@ -36,6 +37,9 @@ from .wire import OUT_OF_BAND_MIN, encode
 #: Aim for batches that take about this long to run.
 TARGET_BATCH_SECONDS = 0.005
 MAX_BATCH = 4096
+#: With on_worker_death="replace", this many deaths in a row with no task running break
+#: the pool (e.g. an initializer that kills its process), instead of respawning forever.
+MAX_BARREN_DEATHS = 5
 #: Batches of known-cost tasks carry at least this much work, however many workers wait:
 #: more, smaller frames only add system calls and wake-ups.
 MIN_BATCH_SECONDS = 0.001
@@ -91,13 +95,25 @@ def cost_key(fn):
     return (type(fn), inner if type(inner) in BY_NAME else None)
 
 
-def finish_future(future, result=None, exception=None):
+def describe_errno(code):
+    """An errno with the limit that most likely caused it."""
+    hint = {errno.EMFILE: " (the RLIMIT_NOFILE limit on file descriptors; see ulimit -n)",
+            errno.ENFILE: " (the system-wide limit on open files)",
+            errno.EAGAIN: " (the RLIMIT_NPROC limit on processes, or memory; see ulimit -u)",
+            errno.ENOMEM: " (out of memory)"}.get(code, "")
+    return "[Errno %d] %s%s" % (code, os.strerror(code), hint)
+
+
+def complete(outcomes):
+    """Finish futures from ``(future, result, exception)`` triples."""
     if FAST:
-        future.finish(result, exception)
-    elif exception is None:
-        set_result(future, result)
-    else:
-        set_exception(future, exception)
+        finish_all(outcomes)
+        return
+    for future, result, exception in outcomes:
+        if exception is None:
+            set_result(future, result)
+        else:
+            set_exception(future, exception)
 
 
 def set_exception(future, exc):
@@ -171,17 +187,27 @@ class ExchangeLoop:
         self.control = None
         self.template_pid = 0
         self.in_hand = []          # items off the queue, not yet recorded with a worker
+        self.barren_deaths = 0     # workers in a row that died with nothing running
 
     # -- set-up and tear-down ---------------------------------------------------------
     def start_template(self, config):
         load_libc()
-        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError as exc:
+            self.close_marks()
+            raise OSError(exc.errno, "ForkExchangeExecutor could not start: no socket for its "
+                          "template process: %s" % describe_errno(exc.errno)) from exc
         _fork.settle_threads()
         try:
             pid = _fork.fork()
-        except BaseException:
+        except BaseException as exc:
             parent_end.close()
             child_end.close()
+            self.close_marks()
+            if isinstance(exc, OSError) and exc.errno:
+                raise OSError(exc.errno, "ForkExchangeExecutor could not fork its template "
+                              "process: %s" % describe_errno(exc.errno)) from exc
             raise
         if pid == 0:
             parent_end.close()
@@ -246,8 +272,23 @@ class ExchangeLoop:
             elif not item.future.cancel():
                 set_exception(item.future, RuntimeError("cannot schedule new futures after "
                                                          "shutdown"))
+        self.close_marks()
+
+    def close_marks(self):
         self.marks.release()
         self.marks_map.close()
+
+    def abandon(self):
+        """The thread could not start: kill the template and release everything."""
+        _fork.disown(self)
+        os.kill(self.template_pid, signal.SIGKILL)
+        os.waitpid(self.template_pid, 0)
+        self.control.close()
+        self.poller.close()
+        os.close(self.shared.wake_r)
+        os.close(self.shared.wake_w)
+        self.shared.wake_r = self.shared.wake_w = -1
+        self.close_marks()
 
     def wait_template(self):
         """Reap the template, reading the control socket meanwhile; kill it if it hangs."""
@@ -439,6 +480,9 @@ class ExchangeLoop:
         shared = self.shared
         tasks = worker.tasks
         spent = {}   # cost key -> [seconds, calls] in this message
+        outcomes = []
+        if results:
+            self.barren_deaths = 0
         last_fn = last_key = None
         for task_id, ok, blob, elapsed in results:
             item = tasks.pop(task_id, None)
@@ -459,7 +503,7 @@ class ExchangeLoop:
                 total[1] += item.count
             if ok == INLINE_OK:
                 shared.completed += 1
-                finish_future(item.future, blob)
+                outcomes.append((item.future, blob, None))
                 continue
             try:
                 value = pickle.loads(blob)
@@ -473,10 +517,11 @@ class ExchangeLoop:
                 continue
             if ok:
                 shared.completed += 1
-                finish_future(item.future, value)
+                outcomes.append((item.future, value, None))
             else:
                 shared.failed += 1
-                finish_future(item.future, None, value.exception())
+                outcomes.append((item.future, None, value.exception()))
+        complete(outcomes)
         self.learn(spent)
         if not tasks:
             worker.expected = 0.0   # no drift from float sums
@@ -533,10 +578,16 @@ class ExchangeLoop:
             elif kind == SPAWN_FAILED:
                 self.spawning.discard(a)
                 self.break_pool(BrokenProcessPool(
-                    "could not fork a worker process: %s" % os.strerror(b)))
+                    "could not start a worker process: %s" % describe_errno(b)))
 
     def on_spawned(self, slot, pid, fd):
         self.spawning.discard(slot)
+        if fd is None:   # the descriptor was dropped on the way: we are at our fd limit
+            self.exited.pop(pid, None)
+            self.break_pool(BrokenProcessPool(
+                "could not take the channel of a new worker process: %s"
+                % describe_errno(errno.EMFILE)))
+            return
         sock = socket.socket(fileno=fd)
         channel = Channel(pid, sock, reapable=False)
         worker = _Worker(slot, pid, channel, self.max_tasks)
@@ -597,10 +648,20 @@ class ExchangeLoop:
             del self.workers[worker.slot]
             return
         # "replace": the running task fails; the tasks behind it run again elsewhere.
-        if running is None and worker.tasks:
-            running_id = next(iter(worker.tasks))
-            running = worker.tasks[running_id]
-        if running is not None:
+        if running is None:
+            # Nothing was running (killed while idle): nobody to blame, but workers that
+            # keep dying without running anything would be replaced forever.
+            self.barren_deaths += 1
+            if self.barren_deaths >= MAX_BARREN_DEATHS:
+                self.workers[worker.slot] = worker
+                self.break_pool(WorkerDiedError(
+                    "%d worker processes in a row died before running any task (the last, pid "
+                    "%d: %s). %s The pool is broken." % (self.barren_deaths, worker.pid,
+                                                         describe_status(status), LIKELY_CAUSES),
+                    worker.pid, status))
+                del self.workers[worker.slot]
+                return
+        else:
             del worker.tasks[running_id]
             shared.running -= 1
             shared.failed += 1

@@ -113,7 +113,11 @@ class Template:
         self.deadline = time.monotonic() + grace
 
     def spawn(self, slot):
-        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as exc:   # out of descriptors: the parent reports it
+            self.send(SPAWN_FAILED, slot, exc.errno or errno.EMFILE)
+            return
         for end in (parent_end, child_end):   # fewer wake-ups for large payloads
             end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
         try:
@@ -136,8 +140,11 @@ class Template:
         child_end.close()
         pidfd = None
         if self.use_pidfd:
-            pidfd = os.pidfd_open(pid)
-            self.selector.register(pidfd, selectors.EVENT_READ, pid)
+            try:
+                pidfd = os.pidfd_open(pid)
+                self.selector.register(pidfd, selectors.EVENT_READ, pid)
+            except OSError:   # out of descriptors: look for exits by polling instead
+                self.use_pidfd = False
         self.workers[pid] = pidfd
         self.send(SPAWNED, slot, pid, fd=parent_end.fileno())
         parent_end.close()

@@ -190,9 +190,14 @@ class ForkExchangeExecutor(Executor):
             loop.start_template(WorkerConfig(loop.marks, self._initializer, self._initargs,
                                               self._max_tasks_per_child))
             thread = threading.Thread(target=loop.run, name="forkexec-exchange", daemon=True)
+            try:
+                thread.start()
+            except BaseException as exc:
+                loop.abandon()
+                raise RuntimeError("ForkExchangeExecutor could not start its exchange thread: "
+                                   "%s" % exc) from exc
             shared.thread = thread
             _live.add(shared)
-            thread.start()
             weakref.finalize(self, _executor_collected, shared).atexit = False
 
     # -- the Executor API ------------------------------------------------------------
