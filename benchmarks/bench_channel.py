@@ -3,10 +3,11 @@
     python benchmarks/bench_channel.py [--quick] [--json PATH]
 
 (a) latency: a small object's round trip to a forked child and back, through a
-    Channel and through two raw pipes with a length prefix (median and p99);
+    Channel and through raw pipes with a length prefix (median and p99); a raw
+    loop on a socketpair (a Channel's transport) shows what the transport costs;
 (b) throughput: a child streams small ints to the parent, through Channel.send,
     Channel.send_many (batches), and the raw floor (pickle + length prefix on a
-    pipe, one write per message or buffered writes);
+    pipe, one write per message or buffered writes; and on a socketpair);
 (c) Exchange.ready() with 256 channels against 2, one of them holding a message.
 
 Every figure is the median of several rounds; the ratios compare like with like.
@@ -18,6 +19,7 @@ import json
 import os
 import pickle
 import select
+import socket
 import statistics
 import struct
 import sys
@@ -36,15 +38,21 @@ GOALS = {"latency": 1.5, "throughput": 0.5, "ready": 1.5}
 # -- raw floor -------------------------------------------------------------------------
 
 class RawPipes:
-    """A forked child on two pipes; messages are a u64 length and a pickle."""
+    """A forked child on two pipes (or one socketpair, the transport a Channel
+    uses); messages are a u64 length and a pickle."""
 
-    def __init__(self, child):
-        down_r, self.down_w = os.pipe()
-        self.up_r, up_w = os.pipe()
+    def __init__(self, child, transport="pipe"):
+        if transport == "pipe":
+            down_r, self.down_w = os.pipe()
+            self.up_r, up_w = os.pipe()
+        else:
+            ours, theirs = (s.detach() for s in socket.socketpair())
+            down_r = up_w = theirs
+            self.down_w = self.up_r = ours
         self.pid = os.fork()
         if self.pid == 0:
-            os.close(self.down_w)
-            os.close(self.up_r)
+            for fd in {self.down_w, self.up_r}:
+                os.close(fd)
             code = 0
             try:
                 child(down_r, up_w)
@@ -52,8 +60,8 @@ class RawPipes:
                 code = 1
             finally:
                 os._exit(code)
-        os.close(down_r)
-        os.close(up_w)
+        for fd in {down_r, up_w}:
+            os.close(fd)
         self.pending = b""
 
     def send(self, obj):
@@ -64,8 +72,8 @@ class RawPipes:
         return raw_receive(self.up_r, self)
 
     def close(self):
-        os.close(self.down_w)
-        os.close(self.up_r)
+        for fd in {self.down_w, self.up_r}:
+            os.close(fd)
         os.waitpid(self.pid, 0)
 
 
@@ -181,16 +189,18 @@ def round_trips(send, receive, count):
 
 
 def bench_latency(count, rounds):
-    results = {"channel": [], "raw": []}
+    results = {"channel": [], "raw pipes": [], "raw socketpair": []}
     for _ in range(rounds):
         channel = forkexec.start(channel_echo)
         results["channel"] += round_trips(channel.send, channel.receive, count)
         channel.send(None)
         channel.close()
         channel.wait()
-        raw = RawPipes(raw_echo)
-        results["raw"] += round_trips(raw.send, raw.receive, count)
-        raw.close()
+        for transport in ("pipe", "socket"):
+            raw = RawPipes(raw_echo, transport)
+            results["raw pipes" if transport == "pipe" else "raw socketpair"] += round_trips(
+                raw.send, raw.receive, count)
+            raw.close()
     return {name: {"median_us": statistics.median(t) * 1e6,
                    "p99_us": percentile(t, 0.99) * 1e6} for name, t in results.items()}
 
@@ -208,8 +218,8 @@ def stream_channel(n, batch):
     return elapsed
 
 
-def stream_raw(n, buffered):
-    raw = RawPipes(raw_stream(buffered))
+def stream_raw(n, buffered, transport="pipe"):
+    raw = RawPipes(raw_stream(buffered), transport)
     t0 = time.perf_counter()
     raw.send(n)
     raw_stream_receive(raw.up_r, n)
@@ -224,6 +234,7 @@ def bench_throughput(n, rounds):
         "channel send_many": lambda: stream_channel(n, 1000),
         "raw, one write each": lambda: stream_raw(n, False),
         "raw, buffered writes": lambda: stream_raw(n, True),
+        "raw socketpair, one write each": lambda: stream_raw(n, False, "socket"),
     }
     times = {name: [] for name in runs}
     for _ in range(rounds):
@@ -279,11 +290,17 @@ def main(argv=None):
 
     ratios = {
         "latency channel/raw (median)":
-            latency["channel"]["median_us"] / latency["raw"]["median_us"],
-        "latency channel/raw (p99)": latency["channel"]["p99_us"] / latency["raw"]["p99_us"],
+            latency["channel"]["median_us"] / latency["raw pipes"]["median_us"],
+        "latency channel/raw (p99)":
+            latency["channel"]["p99_us"] / latency["raw pipes"]["p99_us"],
+        "latency channel/raw socketpair (median)":
+            latency["channel"]["median_us"] / latency["raw socketpair"]["median_us"],
         "throughput send / raw one write each":
             throughput["channel send"]["msgs_per_s"]
             / throughput["raw, one write each"]["msgs_per_s"],
+        "throughput send / raw socketpair one write each":
+            throughput["channel send"]["msgs_per_s"]
+            / throughput["raw socketpair, one write each"]["msgs_per_s"],
         "throughput send_many / raw buffered":
             throughput["channel send_many"]["msgs_per_s"]
             / throughput["raw, buffered writes"]["msgs_per_s"],
@@ -302,7 +319,7 @@ def main(argv=None):
         print("    %-24s %10.1f %10.1f" % (name, row["median_us"], row["p99_us"]))
     print("(b) stream of %d ints, child -> parent, median of %d rounds" % (stream_n, rounds))
     for name, row in throughput.items():
-        print("    %-24s %10.0f msgs/s" % (name, row["msgs_per_s"]))
+        print("    %-32s %10.0f msgs/s" % (name, row["msgs_per_s"]))
     print("(c) Exchange.ready(0), one of N channels holding a message")
     for n, row in ready.items():
         print("    %-24s %10.2f %10.2f" % ("%d channels" % n, row["median_us"], row["p99_us"]))
@@ -315,7 +332,7 @@ def main(argv=None):
             op, target = goal
             met[name] = value <= target if op == "<=" else value >= target
             verdict = "goal %s %.2f: %s" % (op, target, "met" if met[name] else "MISSED")
-        print("    %-40s %6.2f   %s" % (name, value, verdict))
+        print("    %-48s %6.2f   %s" % (name, value, verdict))
 
     if args.json:
         with open(args.json, "w") as f:
