@@ -10,7 +10,6 @@ native API; the executor's loop uses the non-blocking half (``queue``,
 ``flush_nowait``, ``read_nowait``, ``pop_frames``) from a single thread.
 """
 
-import errno
 import os
 import pickle
 import select
