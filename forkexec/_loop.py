@@ -14,7 +14,6 @@ import itertools
 import mmap
 import os
 import pickle
-import select
 import signal
 import socket
 import time
@@ -293,13 +292,13 @@ class ExchangeLoop:
     def wait_template(self):
         """Reap the template, reading the control socket meanwhile; kill it if it hangs."""
         deadline = time.monotonic() + TEMPLATE_EXIT_TIMEOUT
-        poller = select.poll()
-        poller.register(self.control, select.POLLIN)
+        poller = Poller()
+        poller.register(self.control, Poller.READ)
         pidfd = None
         if hasattr(os, "pidfd_open"):
             try:
                 pidfd = os.pidfd_open(self.template_pid)
-                poller.register(pidfd, select.POLLIN)
+                poller.register(pidfd, Poller.READ)
             except OSError:
                 pidfd = None
         try:
@@ -314,8 +313,9 @@ class ExchangeLoop:
                 if time.monotonic() > deadline:
                     os.kill(self.template_pid, signal.SIGKILL)   # its workers die with it
                     deadline = float("inf")
-                poller.poll(100 if pidfd is not None else 2)
+                poller.wait(0.1 if pidfd is not None else 0.002)
         finally:
+            poller.close()
             if pidfd is not None:
                 os.close(pidfd)
 
@@ -382,12 +382,15 @@ class ExchangeLoop:
         for worker in ready:
             if not pending:
                 return
-            limit = -(-len(pending) // len(ready))   # spread the queue over ready workers...
+            # Spread the queue over the workers that are ready or starting...
+            share = len(ready) + len(self.spawning)
+            limit = -(-len(pending) // share)
             try:
                 head_cost = self.estimate(pending[0])
             except IndexError:
                 return
-            if head_cost is not None:   # ...but tiny tasks still go in worthwhile batches
+            if head_cost is not None and len(pending) > share:
+                # ...but a long queue of tiny tasks goes in worthwhile batches.
                 limit = max(limit, int(MIN_BATCH_SECONDS / max(head_cost, 1e-7)))
             limit = min(limit, MAX_BATCH)
             if worker.budget is not None:

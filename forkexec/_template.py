@@ -19,13 +19,13 @@ every worker and exits. Workers die with the template (PR_SET_PDEATHSIG).
 import array
 import errno
 import os
-import selectors
 import signal
 import socket
 import struct
 import time
 
 from . import _fork
+from .exchange import Poller
 from ._worker import worker_main
 
 RECORD = struct.Struct("<iiii")   # kind, a, b, c
@@ -68,23 +68,24 @@ class Template:
         self.control = control
         self.config = config          # the executor's WorkerConfig
         self.workers = {}             # pid -> pidfd or None
-        self.selector = selectors.DefaultSelector()
+        self.poller = Poller()
         self.exiting = False
+        self.deadline = None          # when exiting: after this, remaining workers are killed
         self.use_pidfd = hasattr(os, "pidfd_open")
 
     def run(self):
-        self.selector.register(self.control, selectors.EVENT_READ, None)
+        self.poller.register(self.control, Poller.READ, None)
         while True:
             timeout = None if self.use_pidfd else REAP_INTERVAL
             if self.exiting:
                 if not self.workers:
                     return
                 timeout = REAP_INTERVAL
-            for key, _ in self.selector.select(timeout):
-                if key.data is None:
+            for pid, _ in self.poller.wait(timeout):
+                if pid is None:
                     self.on_control()
                 else:
-                    self.reap(key.data)
+                    self.reap(pid)
             if not self.use_pidfd or self.exiting:
                 self.reap_any()
             if self.exiting and time.monotonic() >= self.deadline:
@@ -97,7 +98,7 @@ class Template:
             record = None
         if record is None:  # the parent process is gone: nothing may outlive it
             self.signal_all(signal.SIGKILL)
-            self.selector.unregister(self.control)
+            self.poller.unregister(self.control)
             self.begin_exit(grace=0)
             return
         kind, a, _b, _c, _fd = record
@@ -133,7 +134,7 @@ class Template:
             for fd in self.workers.values():
                 if fd is not None:
                     os.close(fd)
-            self.selector.close()
+            self.poller.close()
             cfg = self.config
             worker_main(child_end, slot, cfg.marks, cfg.initializer, cfg.initargs,
                         cfg.max_tasks_per_child, cfg.template_pid)
@@ -142,7 +143,7 @@ class Template:
         if self.use_pidfd:
             try:
                 pidfd = os.pidfd_open(pid)
-                self.selector.register(pidfd, selectors.EVENT_READ, pid)
+                self.poller.register(pidfd, Poller.READ, pid)
             except OSError:   # out of descriptors: look for exits by polling instead
                 self.use_pidfd = False
         self.workers[pid] = pidfd
@@ -178,7 +179,7 @@ class Template:
     def forget(self, pid, status):
         pidfd = self.workers.pop(pid, None)
         if pidfd is not None:
-            self.selector.unregister(pidfd)
+            self.poller.unregister(pidfd)
             os.close(pidfd)
         self.send(EXITED, pid, status)
 
