@@ -10,7 +10,6 @@ unchanged. Only the conventions that differ from forkexec's live here:
 """
 
 import forkexec
-from forkexec import _fork, background
 
 __version__ = "0.5.1"
 
@@ -23,7 +22,7 @@ __all__ = [
 MakeParallel = forkexec.MakeParallel
 MakeReusable = forkexec.MakeReusable
 ManagedCallable = forkexec.ManagedCallable
-BackgroundCallable = background.BackgroundCallable
+BackgroundCallable = forkexec.BackgroundCallable
 waitall = forkexec.waitall
 get_number_of_cores = forkexec.usable_cpus
 
@@ -67,7 +66,7 @@ def start(callable, *args, **kw):
 def exit(channel):
     """Close ``channel`` and end this created process."""
     channel.close()
-    _fork.exit_child(0)
+    forkexec.exit_child(0)
 
 
 def _seconds(milliseconds):
@@ -112,11 +111,11 @@ class Map(_Starting, forkexec.Map):
     pass
 
 
-class PersistentExchange(_Watching, background.PersistentExchange):
+class PersistentExchange(_Watching, forkexec.PersistentExchange):
     pass
 
 
-class PersistentQueue(_Watching, background.PersistentQueue):
+class PersistentQueue(_Watching, forkexec.PersistentQueue):
     pass
 
 

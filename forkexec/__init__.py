@@ -6,7 +6,9 @@
   :class:`Map`, :func:`pmap`, :class:`MakeParallel`, :class:`MakeReusable`.
 """
 
-from .background import BackgroundCallable, BackgroundQueue, PersistentQueue
+from ._fork import exit_child
+from .background import (BackgroundCallable, BackgroundQueue, PersistentExchange,
+                         PersistentQueue)
 from .channel import Channel, create, start, waitall
 from .cpus import usable_cpus
 from .errors import (ChannelBroken, ChannelClosed, ChannelError, ProtocolError,
@@ -18,9 +20,9 @@ from .exchange import (Exchange, MakeParallel, MakeReusable, ManagedCallable, Ma
 __version__ = "0.1.0"
 
 __all__ = [
-    "BackgroundCallable", "BackgroundQueue", "PersistentQueue",
-    "Channel", "ChannelBroken", "ExecutorStatistics", "ForkExchangeExecutor", "ChannelClosed", "ChannelError", "Exchange",
-    "MakeParallel", "MakeReusable", "ManagedCallable", "Map", "ProtocolError", "Queue",
-    "RemoteTraceback", "WorkerDiedError", "create", "pmap", "start", "usable_cpus",
-    "waitall",
+    "BackgroundCallable", "BackgroundQueue", "Channel", "ChannelBroken", "ChannelClosed",
+    "ChannelError", "Exchange", "ExecutorStatistics", "ForkExchangeExecutor", "MakeParallel",
+    "MakeReusable", "ManagedCallable", "Map", "PersistentExchange", "PersistentQueue",
+    "ProtocolError", "Queue", "RemoteTraceback", "WorkerDiedError", "create", "exit_child",
+    "pmap", "start", "usable_cpus", "waitall",
 ]
