@@ -57,10 +57,12 @@ FAST = _fast_futures_usable()
 FutureType = FastFuture if FAST else Future
 BY_NAME = (types.FunctionType, types.BuiltinFunctionType)
 LIKELY_CAUSES = ("Likely causes: the OOM killer (see dmesg), a segmentation fault in native "
-                  "code, os._exit() in a task, or a signal sent from outside.")
+                 "code, os._exit() in a task, or a signal sent from outside.")
 
 
 class WorkItem:
+    """One queued call (or map chunk): its future and its pickled form."""
+
     __slots__ = ("future", "task_id", "kind", "blob", "fn", "count", "started", "estimate")
 
     def __init__(self, future, task_id, kind, blob, fn, count=1):
