@@ -247,6 +247,7 @@ class ExchangeLoop:
     def cleanup(self):
         shared = self.shared
         for worker in list(self.workers.values()):
+            self.poller.unregister(worker.channel.fileno())   # its fd number may be reused
             worker.channel.close()
         self.workers.clear()
         self.by_pid.clear()
@@ -294,14 +295,13 @@ class ExchangeLoop:
     def wait_template(self):
         """Reap the template, reading the control socket meanwhile; kill it if it hangs."""
         deadline = time.monotonic() + TEMPLATE_EXIT_TIMEOUT
-        poller = Poller()
-        poller.register(self.control, Poller.READ)
+        poller = self.poller   # already watches the control socket; needs no new fd
         pidfd = None
         if hasattr(os, "pidfd_open"):
             try:
                 pidfd = os.pidfd_open(self.template_pid)
-                poller.register(pidfd, Poller.READ)
-            except OSError:
+                poller.register(pidfd, Poller.READ, "template")
+            except OSError:   # e.g. out of descriptors: poll instead
                 pidfd = None
         try:
             while True:
@@ -317,8 +317,8 @@ class ExchangeLoop:
                     deadline = float("inf")
                 poller.wait(0.1 if pidfd is not None else 0.002)
         finally:
-            poller.close()
             if pidfd is not None:
+                poller.unregister(pidfd)
                 os.close(pidfd)
 
     # -- the loop ----------------------------------------------------------------------
@@ -627,6 +627,7 @@ class ExchangeLoop:
         shared = self.shared
         channel = worker.channel
         channel.set_status(status)
+        self.poller.unregister(channel.fileno())
         channel.close()
         del self.workers[worker.slot]
         del self.by_pid[worker.pid]

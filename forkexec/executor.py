@@ -43,7 +43,8 @@ from concurrent.futures import CancelledError, Executor, Future
 
 from . import _fork
 from ._loop import (BY_NAME, MAX_BATCH, TEMPLATE_EXIT_TIMEOUT, ExchangeLoop, FutureType,
-                    WorkerConfig, WorkItem, broken_copy, cost_key, costs, set_exception)
+                    WorkerConfig, WorkItem, broken_copy, cost_key, costs, describe_errno,
+                    set_exception)
 from ._worker import CALL, CHUNK
 from .cpus import usable_cpus
 from .errors import RemoteFailure
@@ -185,10 +186,14 @@ class ForkExchangeExecutor(Executor):
                 raise RuntimeError("cannot schedule new futures after shutdown")
             if sys.is_finalizing():
                 raise RuntimeError("cannot schedule new futures after interpreter shutdown")
-            loop = ExchangeLoop(shared, self._max_workers, self._policy,
-                                 self._max_tasks_per_child)
+            try:
+                loop = ExchangeLoop(shared, self._max_workers, self._policy,
+                                    self._max_tasks_per_child)
+            except OSError as exc:   # no descriptor left even for the poller
+                raise OSError(exc.errno, "ForkExchangeExecutor could not start: %s"
+                              % describe_errno(exc.errno or errno.EMFILE)) from exc
             loop.start_template(WorkerConfig(loop.marks, self._initializer, self._initargs,
-                                              self._max_tasks_per_child))
+                                             self._max_tasks_per_child))
             thread = threading.Thread(target=loop.run, name="forkexec-exchange", daemon=True)
             try:
                 thread.start()

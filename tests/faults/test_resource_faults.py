@@ -186,8 +186,6 @@ def test_too_few_descriptors_for_the_workers_is_refused_at_creation(workers):
     assert "Traceback" not in stderr, stderr
 
 
-@pytest.mark.xfail(reason="bugs.md: descriptors running out after creation (update 05:50): "
-                          "template left a zombie, bare EMFILE", strict=True)
 def test_descriptors_running_out_before_the_start_is_a_clear_error():
     lines, stderr = outcomes(NOFILE_AFTER_CREATION, 4)
     for outcome in lines:
