@@ -186,6 +186,7 @@ class ForkExchangeExecutor(Executor):
                 raise RuntimeError("cannot schedule new futures after shutdown")
             if sys.is_finalizing():
                 raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+            _check_fd_budget(self._max_workers)   # the limit may have dropped since __init__
             try:
                 loop = ExchangeLoop(shared, self._max_workers, self._policy,
                                     self._max_tasks_per_child)
