@@ -14,6 +14,12 @@ pickle. (The C pickler always copies ``bytes``/``bytearray`` nested inside
 other objects into the pickle.) There are no acknowledgements: a sender writes frames,
 a receiver decodes them.
 
+A payload under ``CHECK_BELOW`` bytes ends with its CRC-32 (flag ``CHECKED``,
+counted in the payload length) and a receiver refuses such a frame without it:
+a garbled pickle of a few bytes can otherwise make the unpickler allocate
+gigabytes (a huge memo index) before it fails. Larger payloads are not summed,
+which would cost more than the copy they already take.
+
 :func:`encode` turns objects into a list of buffers for one ``sendmsg``/``writev``.
 :class:`Decoder` is fed bytes (it hands out the buffer to read into, so large
 frames are read straight into their final place) and yields :class:`Frame`
@@ -24,11 +30,17 @@ import collections
 import mmap
 import pickle
 import struct
+import zlib
 
 from .errors import ProtocolError
 
 MAGIC = b"FX"
-VERSION = 1
+VERSION = 2
+#: Flag: the payload's last 4 bytes are the CRC-32 of the rest.
+CHECKED = 1
+#: Payloads (pickle plus checksum) shorter than this must carry a checksum.
+CHECK_BELOW = 1 << 20
+_CRC = struct.Struct("<I")
 HEADER = struct.Struct("<2sBBIQ")
 LENGTH = struct.Struct("<Q")
 
@@ -72,8 +84,8 @@ class _OutOfBand:
 
 
 _BLOBS = (bytes, bytearray)
-#: The first 8 header bytes of a frame without out-of-band buffers.
-_PLAIN = MAGIC + bytes([VERSION, 0]) + b"\0\0\0\0"
+#: The first 8 header bytes of a checked frame without out-of-band buffers.
+_PLAIN = MAGIC + bytes([VERSION, CHECKED]) + b"\0\0\0\0"
 _pack_plain = struct.Struct("<8sQ").pack
 _unpack_plain = struct.Struct("<8sQ").unpack_from
 
@@ -112,10 +124,14 @@ def _dumps_selective(obj):
 
 def frame_buffers(payload, buffers=()):
     """The iovec list of one frame from an already pickled payload."""
-    if not buffers:
+    flags = 0
+    if len(payload) + _CRC.size < CHECK_BELOW:
+        payload += _CRC.pack(zlib.crc32(payload))
+        flags = CHECKED
+    if not buffers and flags:
         header = _pack_plain(_PLAIN, len(payload))
     else:
-        header = HEADER.pack(MAGIC, VERSION, 0, len(buffers), len(payload))
+        header = HEADER.pack(MAGIC, VERSION, flags, len(buffers), len(payload))
         header += b"".join(LENGTH.pack(b.nbytes) for b in buffers)
     if len(payload) < JOIN_BELOW:
         return [header + payload, *buffers]
@@ -126,7 +142,8 @@ def encode(obj):
     """Return the buffers of one frame carrying ``obj`` (pickling errors propagate)."""
     payload, buffers = dumps(obj)
     if not buffers and len(payload) < JOIN_BELOW:
-        return [_pack_plain(_PLAIN, len(payload)) + payload]
+        return [_pack_plain(_PLAIN, len(payload) + _CRC.size) + payload
+                + _CRC.pack(zlib.crc32(payload))]
     return frame_buffers(payload, buffers)
 
 
@@ -164,10 +181,13 @@ class Decoder:
         self._frames = collections.deque()
         # A frame too large for the read buffer: (payload length, lengths, data, filled, body size)
         self._large = None
+        self._error = None   # a protocol error found after good frames, raised once they are taken
 
     # -- feeding -----------------------------------------------------------
     def read_target(self):
         """A writable memoryview to receive the next bytes into."""
+        if self._error is not None:
+            raise self._error
         large = self._large
         if large is not None:
             _, _, data, filled, body = large
@@ -180,6 +200,8 @@ class Decoder:
 
     def commit(self, n):
         """Record that ``n`` bytes were written into the last read target."""
+        if self._error is not None:
+            raise self._error
         large = self._large
         if large is not None:
             plen, lens, data, filled, body = large
@@ -236,6 +258,15 @@ class Decoder:
             self._start, self._end = 0, end - start
 
     def _parse(self):
+        count = len(self._frames)
+        try:
+            self._parse_frames()
+        except ProtocolError as exc:
+            if len(self._frames) == count:
+                raise
+            self._error = exc   # deliver the good frames before it first
+
+    def _parse_frames(self):
         buf, frames, end, max_frame = self._buf, self._frames, self._end, self.max_frame
         start = self._start
         size = HEADER.size
@@ -244,7 +275,8 @@ class Decoder:
             prefix, plen = _unpack_plain(buf, start)
             stop = start + size + plen
             if prefix == _PLAIN and stop <= end and plen <= max_frame:
-                frames.append(Frame(buf[start + size:stop]))
+                self._start = start   # where a checksum error leaves the stream
+                frames.append(Frame(_checked(buf, start + size, stop)))
                 start = stop
                 continue
             self._start = start
@@ -259,11 +291,15 @@ class Decoder:
         """Check the frame at ``_start``; take it if complete. False when more data is needed."""
         buf, start = self._buf, self._start
         avail = self._end - start
-        magic, version, _flags, nbuf, plen = HEADER.unpack_from(buf, start)
+        magic, version, flags, nbuf, plen = HEADER.unpack_from(buf, start)
         if magic != MAGIC:
             raise ProtocolError("bad frame magic %r - wire protocol corruption?" % bytes(magic))
         if version != VERSION:
             raise ProtocolError("unknown wire protocol version %d" % version)
+        if (plen < CHECK_BELOW) != (flags == CHECKED):
+            raise ProtocolError(
+                "frame flags %#x do not fit a payload of %d bytes (payloads under %d bytes "
+                "carry a checksum) - wire protocol corruption?" % (flags, plen, CHECK_BELOW))
         if nbuf > MAX_BUFFERS:
             raise ProtocolError(
                 "frame declares %d out-of-band buffers (limit %d) - "
@@ -296,6 +332,15 @@ class Decoder:
         return False
 
 
+def _checked(buf, first, stop):
+    """The payload in ``buf[first:stop]`` without its checksum, once the checksum agrees."""
+    view = memoryview(buf)
+    end = stop - _CRC.size
+    if end < first or zlib.crc32(view[first:end]) != _CRC.unpack_from(buf, end)[0]:
+        raise ProtocolError("frame checksum mismatch - wire protocol corruption?")
+    return bytes(view[first:end])
+
+
 def _split(view, plen, lens):
     """Frame over a buffer owned by this frame alone (no copies)."""
     buffers = []
@@ -303,13 +348,14 @@ def _split(view, plen, lens):
     for n in lens:
         buffers.append(view[pos:pos + n])
         pos += n
-    return Frame(view[:plen], buffers)
+    payload = _checked(view, 0, plen) if plen < CHECK_BELOW else view[:plen]
+    return Frame(payload, buffers)
 
 
 def _split_copy(buf, first, plen, lens):
     """Frame copied out of the shared read buffer, which will be reused."""
     view = memoryview(buf)
-    payload = bytes(view[first:first + plen])
+    payload = _checked(buf, first, first + plen)   # large payloads never come this way
     buffers = []
     pos = first + plen
     for n in lens:

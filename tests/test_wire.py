@@ -8,6 +8,7 @@ import os
 import pickle
 import struct
 import tracemalloc
+import zlib
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -62,8 +63,15 @@ def self_referencing_list():
 
 
 def header(nbuf=0, plen=0, magic=b"FX", version=wire.VERSION, lens=()):
-    return wire.HEADER.pack(magic, version, 0, nbuf, plen) + b"".join(
+    """A frame header with the flags a payload of ``plen`` bytes must have."""
+    flags = wire.CHECKED if plen < wire.CHECK_BELOW else 0
+    return wire.HEADER.pack(magic, version, flags, nbuf, plen) + b"".join(
         wire.LENGTH.pack(n) for n in lens)
+
+
+def checked(payload):
+    """A payload followed by its checksum, as a sender writes it."""
+    return payload + struct.pack("<I", zlib.crc32(payload))
 
 
 def vm_size():
@@ -225,7 +233,7 @@ def test_oversized_frame_message():
 
 
 def test_frame_at_the_limit_is_accepted():
-    payload = pickle.dumps(b"x" * 50, protocol=5)
+    payload = checked(pickle.dumps(b"x" * 50, protocol=5))
     (back,), _ = decode(header(plen=len(payload)) + payload, max_frame=len(payload))
     assert back == b"x" * 50
 
@@ -288,7 +296,11 @@ def test_declared_size_never_allocated_up_front(plen, lens, fed):
         with pytest.raises(ProtocolError, match="^frame of %d bytes exceeds" % body):
             decoder.feed(blob)
         return
-    decoder.feed(blob + b"\0" * min(fed, body - 1) if body else blob)
+    if not body:   # a complete frame whose payload is too short to hold its checksum
+        with pytest.raises(ProtocolError, match="^frame checksum mismatch"):
+            decoder.feed(blob)
+        return
+    decoder.feed(blob + b"\0" * min(fed, body - 1))
     grown = vm_size() - before
     assert grown <= 2 * fed + 2 * wire.READ_CHUNK + (1 << 20), grown
     if body:
