@@ -41,7 +41,7 @@ def flush_stdio():
         try:
             if stream is not None:
                 stream.flush()
-        except (OSError, ValueError):
+        except (AttributeError, OSError, ValueError):
             pass
 
 

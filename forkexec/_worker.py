@@ -3,13 +3,15 @@
 Parent -> worker, one frame per batch: ``[(task_id, kind, blob), ...]`` where
 ``blob`` is a pickle made in the parent (so a task that cannot be unpickled
 fails alone): ``CALL`` blobs hold ``(fn, args, kwargs)``, ``CHUNK`` blobs hold
-``(fn, [args, ...])`` for ``map``. ``fn`` is ``(pickle, shareable)``: plain
-functions pickle by name, so the worker unpickles each one once.
+``(fn, star, [item, ...])`` for ``map`` (items are argument tuples if ``star``)
+and give ``(values, {index: failure})``. ``fn`` is ``(pickle, shareable)``:
+plain functions pickle by name, so the worker unpickles each one once.
 
 Worker -> parent: ``(RESULTS, batch_done, seconds, [(task_id, ok, blob, seconds), ...])``
 where ``ok`` is FAILED, OK or INLINE_OK: each ``blob`` is pickled on its own
 (an unpicklable result fails only its task) unless it is a small value of a
-builtin type, carried as is; ``seconds`` is how long the task ran. Or ``(INIT_FAILED, failure_blob)`` if the initializer raised.
+builtin type, carried as is; ``seconds`` is how long the task ran. Or
+``(INIT_FAILED, failure_blob)`` if the initializer raised.
 Results of a long batch are sent every ``FLUSH_EVERY`` seconds, so the parent
 sees progress and knows which tasks are done.
 
@@ -19,7 +21,6 @@ worker dies, the parent reads which task was running.
 
 import os
 import pickle
-import sys
 import time
 
 from . import _fork
@@ -162,26 +163,20 @@ def _serve(channel, slot, marks, max_tasks):
         batch = channel.receive()
         results = []
         started = last_flush = now = clock()
-        for task_id, kind, blob in batch:
+        last = len(batch) - 1
+        for i, (task_id, kind, blob) in enumerate(batch):
             marks[slot] = task_id
             ok, out = RUNNERS[kind](blob)
             before, now = now, clock()
             if ok != INLINE_OK and len(out) >= OUT_OF_BAND_MIN:   # out of band, uncopied
                 out = pickle.PickleBuffer(out)
             results.append((task_id, ok, out, now - before))
-            if now - last_flush > FLUSH_EVERY and len(results) < len(batch):
+            if now - last_flush > FLUSH_EVERY and i < last:
                 channel.send((RESULTS, False, now - started, results))
                 results = []
                 last_flush = now
         marks[slot] = IDLE
         done += len(batch)
-        _flush_stdout()
+        _fork.flush_stdio()
         channel.send((RESULTS, True, clock() - started, results))
 
-
-def _flush_stdout():
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (AttributeError, OSError, ValueError):
-            pass

@@ -15,9 +15,11 @@ Data flow::
 appends a work item to ``pending`` and writes one byte to the wake-up pipe only
 if the exchange thread is asleep.
 
-The exchange thread owns every channel. It sends idle workers batches sized
-from the queue length and the measured task duration (tiny tasks go in bulk,
-long ones one at a time), completes futures from the results, and handles
+The exchange thread owns every channel. It forks workers on demand (one per
+queued task without an idle worker, up to ``max_workers``), sends them batches
+sized from the queue length and each function's measured duration (tiny tasks
+go in bulk, unknown or long ones one at a time), completes futures from the
+results, and handles
 worker exits reported by the template: a worker that retired after
 ``max_tasks_per_child`` is replaced; one that died makes the pool broken
 (``on_worker_death="break"``) or is replaced with only its running task failed
@@ -74,6 +76,9 @@ class ExecutorStatistics:
     def __eq__(self, other):
         return isinstance(other, ExecutorStatistics) and all(
             getattr(self, n) == getattr(other, n) for n in self.__slots__)
+
+    def __hash__(self):
+        return hash(tuple(getattr(self, n) for n in self.__slots__))
 
     def __repr__(self):
         return "ExecutorStatistics(%s)" % ", ".join(
