@@ -44,8 +44,6 @@ MAX_BARREN_DEATHS = 5
 MIN_BATCH_SECONDS = 0.001
 #: How many functions' durations are remembered.
 COST_TABLE_SIZE = 1024
-#: Measured seconds per call, by cost_key (written by exchange threads, read by map).
-costs = {}
 #: Stop adding items to a batch past this many bytes of pickled calls.
 MAX_BATCH_BYTES = 1 << 22
 #: Tasks shorter than this get a second batch queued behind the running one.
@@ -184,7 +182,7 @@ class ExchangeLoop:
         self.by_pid = {}           # pid -> _Worker
         self.spawning = set()      # slots asked of the template
         self.exited = {}           # pid -> status reported before the worker's EOF
-        self.costs = costs        # function key -> moving average of seconds per call
+        self.costs = shared.costs  # function key -> moving average of seconds per call
         self.control = None
         self.template_pid = 0
         self.in_hand = []          # items off the queue, not yet recorded with a worker

@@ -45,7 +45,7 @@ from concurrent.futures import CancelledError, Executor, Future
 
 from . import _fork
 from ._loop import (BY_NAME, MAX_BATCH, TEMPLATE_EXIT_TIMEOUT, ExchangeLoop, FutureType,
-                    WorkerConfig, WorkItem, broken_copy, cost_key, costs, describe_errno,
+                    WorkerConfig, WorkItem, broken_copy, cost_key, describe_errno,
                     set_exception)
 from ._worker import CALL, CHUNK
 from .cpus import usable_cpus
@@ -105,6 +105,9 @@ class _Shared:
         self.thread = None
         self.wake_r = self.wake_w = -1
         self.completed = self.failed = self.replaced = self.running = self.alive = 0
+        # Measured seconds per call by function (written by the exchange thread, read by
+        # map): this pool's own history, so another pool's tasks never mislead it.
+        self.costs = {}
         _fork.own(self)
 
     def _after_fork_in_child(self):
@@ -343,7 +346,7 @@ class ForkExchangeExecutor(Executor):
         per-item exceptions are unchanged, the cost per item falls many times."""
         if self._max_tasks_per_child is not None:
             return 1   # a chunk counts as one task: grouping would stretch the limit
-        cost = costs.get(cost_key(fn))
+        cost = self._shared.costs.get(cost_key(fn))
         if cost is None or cost >= AUTO_CHUNK_BELOW:
             return 1
         per_chunk = int(AUTO_CHUNK_SECONDS / max(cost, 1e-7))
