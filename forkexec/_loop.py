@@ -249,12 +249,12 @@ class ExchangeLoop:
             worker.channel.close()
         self.workers.clear()
         self.by_pid.clear()
-        shared.alive = 0
         try:
             send_record(self.control, EXIT)
         except OSError:
             pass
         self.wait_template()
+        shared.worker_pids.clear()   # the template reaped them all before it exited
         self.control.close()
         self.poller.close()
         shared.closed = True
@@ -597,7 +597,7 @@ class ExchangeLoop:
         self.marks[slot] = IDLE
         self.workers[slot] = worker
         self.by_pid[pid] = worker
-        self.shared.alive = len(self.workers)
+        self.shared.worker_pids.add(pid)
         self.poller.register(channel.fileno(), Poller.READ, worker)
         if pid in self.exited:  # it died before we even heard it was born
             self.on_exited(pid, self.exited.pop(pid))
@@ -629,7 +629,7 @@ class ExchangeLoop:
         channel.close()
         del self.workers[worker.slot]
         del self.by_pid[worker.pid]
-        shared.alive = len(self.workers)
+        shared.worker_pids.discard(worker.pid)
         if shared.broken is not None or shared.kill_signal is not None:
             return
         if worker.retiring and not worker.tasks and status == 0:

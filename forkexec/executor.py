@@ -104,7 +104,8 @@ class _Shared:
         self.closed = False         # the exchange thread has finished cleaning up
         self.thread = None
         self.wake_r = self.wake_w = -1
-        self.completed = self.failed = self.replaced = self.running = self.alive = 0
+        self.completed = self.failed = self.replaced = self.running = 0
+        self.worker_pids = set()    # live workers (the exchange thread adds and discards)
         # Measured seconds per call by function (written by the exchange thread, read by
         # map): this pool's own history, so another pool's tasks never mislead it.
         self.costs = {}
@@ -393,15 +394,57 @@ class ForkExchangeExecutor(Executor):
         """A frozen :class:`ExecutorStatistics` snapshot."""
         shared = self._shared
         return ExecutorStatistics(
-            workers_alive=shared.alive, queued=len(shared.pending), running=shared.running,
+            workers_alive=len(shared.worker_pids), queued=len(shared.pending),
+            running=shared.running,
             completed=shared.completed, failed=shared.failed,
             workers_replaced=shared.replaced)
+
+    @property
+    def _processes(self):
+        """``{pid: handle}`` of the live workers, like ``ProcessPoolExecutor._processes``
+        (test suites reach for it): handles offer pid, is_alive, join, terminate and kill."""
+        return {pid: WorkerHandle(pid) for pid in frozenset(self._shared.worker_pids)}
 
     def __repr__(self):
         shared = self._shared
         state = ("broken" if shared.broken is not None else "shut down" if shared.shutdown
                  else "running" if shared.thread is not None else "idle")
         return "<ForkExchangeExecutor max_workers=%d %s>" % (self._max_workers, state)
+
+
+class WorkerHandle:
+    """A worker seen from the parent (it is the template's child, not ours)."""
+
+    def __init__(self, pid):
+        self.pid = pid
+
+    def __repr__(self):
+        return "<WorkerHandle pid=%d %s>" % (self.pid, "alive" if self.is_alive() else "gone")
+
+    def is_alive(self):
+        try:
+            with open("/proc/%d/stat" % self.pid, "rb") as f:
+                data = f.read()
+        except OSError:
+            return False
+        return data[data.rindex(b")") + 2:][:1] not in (b"Z", b"X")
+
+    def join(self, timeout=None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.is_alive() and (deadline is None or time.monotonic() < deadline):
+            time.sleep(0.005)
+
+    def terminate(self):
+        self._signal(signal.SIGTERM)
+
+    def kill(self):
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, signum):
+        try:
+            os.kill(self.pid, signum)
+        except ProcessLookupError:
+            pass
 
 
 #: Descriptors the parent needs besides one per worker: wake-up pipe, control socket,

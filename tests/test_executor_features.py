@@ -116,6 +116,31 @@ def test_kill_workers_on_an_unused_executor_is_harmless():
 
 
 # -- statistics ---------------------------------------------------------------------------
+def test_processes_lists_live_workers_like_the_stdlib(tmp_path):
+    """Suites written for ProcessPoolExecutor reach for ``_processes``: it must show the
+    live workers, and terminating one through it breaks the pool with its pid named."""
+    ex = ForkExchangeExecutor(2)
+    try:
+        started = [str(tmp_path / ("started%d" % i)) for i in range(2)]
+        gates = [str(tmp_path / ("gate%d" % i)) for i in range(2)]
+        running = [ex.submit(h.wait_for_gate, g, s) for g, s in zip(gates, started)]
+        pids = [h.read_pid(s) for s in started]
+        handles = ex._processes
+        assert set(handles) == set(pids) and all(p.is_alive() for p in handles.values())
+        victim = handles[pids[0]]
+        victim.terminate()
+        victim.join(PROMPTLY)
+        assert not victim.is_alive()
+        with pytest.raises(BrokenProcessPool, match=r"pid %d\).*SIGTERM" % pids[0]):
+            running[0].result(timeout=PROMPTLY)
+    finally:
+        for g in gates:
+            open(g, "w").close()
+        ex.shutdown()
+    assert ex._processes == {}
+    assert all(not p.is_alive() for p in handles.values())
+
+
 def test_statistics_is_a_frozen_snapshot_with_the_right_counts(gate, tmp_path):
     with ForkExchangeExecutor(1) as ex:
         idle = ex.statistics()
