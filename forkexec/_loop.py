@@ -265,11 +265,11 @@ class ExchangeLoop:
         _fork.disown(shared)
         # Anything submitted while we were closing cannot run any more.
         error = shared.broken if shared.broken is not None else None
+        if error is not None:
+            _fail_queued(shared.pending, error)
         while shared.pending:
             item = shared.pending.popleft()
-            if error is not None:
-                set_exception(item.future, broken_copy(error))
-            elif not item.future.cancel():
+            if not item.future.cancel():
                 set_exception(item.future, RuntimeError("cannot schedule new futures after "
                                                          "shutdown"))
         self.close_marks()
@@ -719,10 +719,7 @@ class ExchangeLoop:
         for item in self.in_hand:
             set_exception(item.future, broken_copy(err))
         self.in_hand = []
-        while shared.pending:
-            item = shared.pending.popleft()
-            if item.started or item.future.set_running_or_notify_cancel():
-                set_exception(item.future, broken_copy(err))
+        _fail_queued(shared.pending, err)
         try:
             send_record(self.control, SIGNAL, signal.SIGKILL)
         except OSError:
@@ -736,6 +733,18 @@ class ExchangeLoop:
             pass
         self.break_pool(BrokenProcessPool(
             "the workers were stopped: %s" % (shared.kill_reason or "killed")))
+
+
+def _fail_queued(pending, err):
+    """Fail every queued item with a copy of ``err`` (cancelled ones stay cancelled)."""
+    items = []
+    while True:
+        try:
+            items.append(pending.popleft())
+        except IndexError:
+            break
+    for item in _start_running(items):
+        set_exception(item.future, broken_copy(err))
 
 
 def _start_running(items):

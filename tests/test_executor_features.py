@@ -330,7 +330,7 @@ def test_one_ctrl_c_stops_map_inside_with_block_within_seconds():
         with ForkExchangeExecutor(2) as ex:
             ex.submit(h.square, 1).result(timeout=30)
             print("ready", flush=True)
-            for value in ex.map(h.sleep_and_return, [10] * 8):
+            for value in ex.map(h.sleep_and_return, [60] * 8):
                 print("got", value, flush=True)
         print("not interrupted", flush=True)
     """)
