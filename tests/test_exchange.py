@@ -10,7 +10,7 @@ import pytest
 import forkexec
 from forkexec import (ChannelBroken, Exchange, MakeParallel, MakeReusable, Map, Queue,
                       RemoteTraceback, pmap)
-from conftest import descendants
+from conftest import _stat, descendants
 
 
 class Collect(Exchange):
@@ -27,16 +27,9 @@ def children(parent=None):
     parent = os.getpid() if parent is None else parent
     found = {}
     for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % name, "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        fields = data[data.rindex(b")") + 2:].split()
-        if int(fields[1]) == parent:
-            found[int(name)] = fields[0].decode()
+        info = _stat(int(name)) if name.isdigit() else None
+        if info is not None and info[0] == parent:
+            found[int(name)] = info[1]
     return found
 
 
