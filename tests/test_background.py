@@ -5,6 +5,7 @@ becomes its child once the middle process exits: tests wait for it with
 ``waitpid`` and check its exit status.
 """
 
+import functools
 import os
 import pickle
 import select
@@ -19,6 +20,7 @@ import textwrap
 
 import pytest
 
+import interpreters
 from conftest import descendants
 from forkexec import ChannelBroken, MakeParallel, RemoteTraceback, start
 from forkexec.background import (BackgroundCallable, BackgroundQueue, PersistentExchange,
@@ -27,7 +29,26 @@ from forkexec.wire import encode
 
 NOBODY = 65534
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="becoming nobody needs root")
+
+
+def needs_root(test):
+    """Mark a test that acts as another user (it becomes user nobody): that needs root.
+
+    Not root, the test is skipped, except under CI (CI=true), where the suite runs as
+    root: there it fails. The attribute makes ``-k root`` select these tests.
+    """
+    test.needs_root = True
+    if os.geteuid() == 0:
+        return test
+    reason = "acting as user nobody (uid %d) needs root; this runs as uid %d" % (
+        NOBODY, os.geteuid())
+    if not interpreters.in_ci():
+        return pytest.mark.skip(reason=reason)(test)
+
+    @functools.wraps(test)
+    def fail_under_ci(*args, **kwargs):
+        interpreters.skip_or_fail(reason)
+    return fail_under_ci
 
 
 def wait_exit(pid, timeout=15.0):

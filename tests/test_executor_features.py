@@ -21,13 +21,13 @@ from concurrent.futures.process import BrokenProcessPool
 import pytest
 
 import executor_helpers as h
+import interpreters
 from conftest import descendants, reap_orphans
 from forkexec import ExecutorStatistics, ForkExchangeExecutor, WorkerDiedError
 
 pytestmark = pytest.mark.timeout(90)
 
 PROMPTLY = 5.0
-PYTHON_313 = "/root/.pyenv/versions/3.13.0/bin/python"
 
 
 @pytest.fixture
@@ -302,17 +302,30 @@ FORK_WARNING_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("python", ["current", "3.13.0"])
+def fork_warning_python():
+    """A pyenv interpreter whose fork() warns in a multi-threaded process (3.12+): the
+    newest patch of the newest such minor version other than this interpreter's own
+    (else of this one's), or None."""
+    newest = interpreters.newest_pythons(since=interpreters.FORK_WARNING_SINCE)
+    others = {minor: python for minor, python in newest.items()
+              if minor != sys.version_info[:2]}
+    choice = others or newest
+    return choice[max(choice)] if choice else None
+
+
+@pytest.mark.parametrize("python", ["current", "pyenv"])
 def test_worker_replacement_while_threads_run_gives_no_fork_warning(python):
     if python == "current":
-        if sys.version_info < (3, 12):
-            pytest.skip("Python %d.%d has no multi-threaded fork() warning; the 3.13.0 "
+        if sys.version_info < interpreters.FORK_WARNING_SINCE:
+            pytest.skip("Python %d.%d has no multi-threaded fork() warning; the pyenv "
                         "variant covers it" % sys.version_info[:2])
         executable = sys.executable
     else:
-        if not os.path.exists(PYTHON_313):
-            pytest.skip("%s is not installed" % PYTHON_313)
-        executable = PYTHON_313
+        executable = fork_warning_python()
+        if executable is None:
+            interpreters.skip_or_fail(
+                "no Python %d.%d or newer under %s/versions to check the fork() warning "
+                "with" % (interpreters.FORK_WARNING_SINCE + (interpreters.pyenv_root(),)))
     proc = h.run_script(FORK_WARNING_SCRIPT, python=executable, args=["-W", "always"])
     assert proc.returncode == 0, proc.stderr
     assert "died: WorkerDiedError" in proc.stdout

@@ -1,14 +1,19 @@
 """Acceptance: the pprocess 0.5.1 sdist's own programs run on compat/pprocess.py.
 
-The sdist is downloaded with pip once per test session. Its ``examples/`` and
-``tests/`` are Python 2; they are converted with 2to3 and nothing else, except
-one mechanical substitution: the per-cell ``delay = 1`` becomes
-``delay = 0.01``, so a 10x10 grid takes a second instead of 100.
+The sdist is downloaded with pip (``pip download``) into a cache directory,
+``$FORKEXEC_TEST_CACHE`` if set, else ``forkexec-tests`` in the user's cache
+directory (``$XDG_CACHE_HOME`` or ``~/.cache``), and reused from there by later
+sessions; its SHA-256 is checked either way. When it is not cached and cannot
+be downloaded, the tests skip, except under CI (``CI=true``), where they fail:
+CI must not pass without running them. Its ``examples/`` and ``tests/`` are
+Python 2; they are converted with 2to3 and nothing else, except one mechanical
+substitution: the per-cell ``delay = 1`` becomes ``delay = 0.01``, so a 10x10
+grid takes a second instead of 100.
 
 2to3 comes from, in order: ``lib2to3`` in this interpreter (Python <= 3.12);
-another interpreter on ``PATH`` that still has it; else ``fissix`` (the
-maintained fork of lib2to3, same fixers, same output), pip-installed into a
-temporary directory, since the network is needed for the sdist anyway.
+another interpreter on ``PATH`` or under pyenv that still has it; else
+``fissix`` (the maintained fork of lib2to3, same fixers, same output),
+pip-installed into the same cache directory.
 
 Each program runs in a subprocess with ``compat/`` first on ``PYTHONPATH``, in
 an empty working directory (the background examples make their sockets
@@ -16,6 +21,7 @@ there). Afterwards no process may still run and no file may be left there.
 """
 
 import ast
+import hashlib
 import importlib.util
 import os
 import re
@@ -23,16 +29,22 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
 import conftest
+import interpreters
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPAT = os.path.join(ROOT, "compat")
 SDIST = "pprocess==0.5.1"
+SDIST_FILE = "pprocess-0.5.1.tar.gz"
+#: As PyPI lists it (https://pypi.org/simple/pprocess/).
+SDIST_SHA256 = "9b70f097587ac403523cd0e055a504b308f49f84aaa831dc842fe8cc5f51b68c"
 #: Per program run; a grid takes about a second.
 RUN_TIMEOUT = 60
 #: How long processes a program leaves behind may take to exit.
@@ -70,25 +82,78 @@ UNREACHABLE = ("NewConnectionError", "Network is unreachable", "Temporary failur
                "Connection refused", "ProxyError")
 
 
-def _pip(args, workdir):
+def cache_dir():
+    """Where downloads are kept between sessions (see the module docstring)."""
+    if os.environ.get("FORKEXEC_TEST_CACHE"):
+        return Path(os.environ["FORKEXEC_TEST_CACHE"])
+    user_cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(user_cache) / "forkexec-tests"
+
+
+def _pip(args, workdir, what):
+    """Run pip; if it cannot reach the package index, skip (fail under CI) saying that
+    ``what`` could not be downloaded."""
     cmd = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--retries", "1",
            "--timeout", "20"] + args
     done = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
         output = done.stdout + done.stderr
-        if any(marker in output for marker in UNREACHABLE):
-            pytest.skip("the package index is unreachable, so the pprocess sdist cannot be "
-                        "downloaded: %s" % output.strip().splitlines()[-1])
+        why = [line.strip() for line in output.splitlines()
+               if any(marker in line for marker in UNREACHABLE)]
+        if why:
+            interpreters.skip_or_fail(
+                "%s could not be downloaded (the package index is unreachable: %s) and is "
+                "not cached in %s; run the tests once with network access, or set "
+                "FORKEXEC_TEST_CACHE to a cache directory filled where it could"
+                % (what, why[-1][:300], cache_dir()))
         pytest.fail("%s failed:\n%s" % (" ".join(cmd), output))
+
+
+def _sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _is_the_sdist(path):
+    try:
+        return _sha256(path) == SDIST_SHA256
+    except OSError:     # missing, or a cache directory this user cannot read
+        return False
+
+
+def _new_dir_in_cache(tmp_path_factory, prefix):
+    """A new directory beside the cached files (the same file system, so a rename moves
+    what is made there into the cache at once); a session temporary one if the cache
+    directory cannot be written, then (cache, new directory)."""
+    cache = cache_dir()
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        return cache, Path(tempfile.mkdtemp(prefix=prefix, dir=cache))
+    except OSError:
+        where = tmp_path_factory.mktemp("uncached")
+        return where, Path(tempfile.mkdtemp(prefix=prefix, dir=where))
 
 
 @pytest.fixture(scope="session")
 def sdist(tmp_path_factory):
-    """The pprocess 0.5.1 source archive, downloaded once per session."""
-    where = tmp_path_factory.mktemp("sdist")
-    _pip(["download", "--no-deps", "--no-binary", ":all:", SDIST, "-d", str(where)], where)
-    (archive,) = where.glob("pprocess-0.5.1.tar.gz")
-    return archive
+    """The pprocess 0.5.1 source archive: from the cache, else downloaded into it."""
+    cached = cache_dir() / SDIST_FILE
+    if _is_the_sdist(cached):
+        return cached
+    cache, download = _new_dir_in_cache(tmp_path_factory, "download-")
+    try:
+        _pip(["download", "--no-deps", "--no-binary", ":all:", SDIST, "-d", str(download)],
+             download, "the pprocess sdist")
+        archive = download / SDIST_FILE
+        assert archive.is_file(), "pip download saved no %s: %r" % (
+            SDIST_FILE, os.listdir(download))
+        digest = _sha256(archive)
+        assert digest == SDIST_SHA256, "%s has SHA-256 %s, not %s" % (
+            SDIST_FILE, digest, SDIST_SHA256)
+        os.replace(archive, cache / SDIST_FILE)   # atomic: a cached file is always whole
+    finally:
+        shutil.rmtree(download, ignore_errors=True)
+    return cache / SDIST_FILE
 
 
 def _has_lib2to3(python):
@@ -100,12 +165,26 @@ def _two_to_three(tmp_path_factory):
     env = dict(os.environ)
     if importlib.util.find_spec("lib2to3") is not None:
         return [sys.executable, "-m", "lib2to3"], env
-    for name in ("python3.12", "python3.11", "python3.10", "python3.9", "python3", "python"):
-        python = shutil.which(name)
+    on_path = [shutil.which(name) for name in ("python3.12", "python3.11", "python3.10",
+                                               "python3.9", "python3", "python")]
+    pyenv = interpreters.newest_pythons(since=(3, 9))
+    under_pyenv = [pyenv[minor] for minor in sorted(pyenv, reverse=True) if minor < (3, 13)]
+    for python in on_path + under_pyenv:
         if python and _has_lib2to3(python):
             return [python, "-m", "lib2to3"], env
-    target = tmp_path_factory.mktemp("fissix")
-    _pip(["install", "--quiet", "--target", str(target), "fissix"], target)
+    target = cache_dir() / "fissix"
+    if not os.path.isfile(target / "fissix" / "__main__.py"):
+        cache, install = _new_dir_in_cache(tmp_path_factory, "fissix-")
+        try:
+            _pip(["install", "--quiet", "--target", str(install), "fissix"], install,
+                 "fissix (for 2to3: no interpreter with lib2to3 was found)")
+            target = cache / "fissix"
+            try:
+                os.rename(install, target)    # atomic: a cached install is always whole
+            except OSError:
+                pass                          # another session cached it meanwhile
+        finally:
+            shutil.rmtree(install, ignore_errors=True)
     env["PYTHONPATH"] = str(target)
     return [sys.executable, "-m", "fissix"], env
 
