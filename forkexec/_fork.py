@@ -18,7 +18,8 @@ _owned = weakref.WeakSet()
 
 
 def own(obj):
-    """Close ``obj`` (via ``obj._after_fork_in_child()``) in every forked child."""
+    """Close ``obj`` (via ``obj._after_fork_in_child()``) in every forked child. The hook
+    returns True if ``obj`` stays owned in the child (it adopted it)."""
     _owned.add(obj)
 
 
@@ -27,9 +28,10 @@ def disown(obj):
 
 
 def _after_fork_in_child():
-    for obj in list(_owned):
-        obj._after_fork_in_child()
+    kept = [obj for obj in list(_owned) if obj._after_fork_in_child()]
     _owned.clear()
+    for obj in kept:
+        _owned.add(obj)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -45,23 +47,26 @@ def flush_stdio():
             pass
 
 
-def _os_thread_count():
-    try:
-        with open("/proc/self/stat", "rb") as f:
-            data = f.read()
-        return int(data[data.rindex(b")") + 2:].split()[17])
-    except (OSError, ValueError, IndexError):
-        return None
+#: Native ids of our own threads that have ended; the OS may still count them a moment.
+_ended_threads = set()
+
+
+def thread_ending():
+    """Called by one of our threads as it ends (the next fork waits for it to be gone)."""
+    _ended_threads.add(threading.get_native_id())
 
 
 def settle_threads(timeout=0.1):
-    """If Python sees one thread but the OS still counts a thread that is exiting
-    (one we just joined), wait briefly for it, so fork() does not warn for nothing."""
-    if threading.active_count() != 1:
+    """Wait briefly for our own threads that just ended to leave the OS thread list, so
+    fork() does not warn for nothing. Threads the program owns (e.g. OpenBLAS's) are never
+    waited for."""
+    if not _ended_threads:
         return
     deadline = time.monotonic() + timeout
-    while (_os_thread_count() or 1) > 1 and time.monotonic() < deadline:
-        time.sleep(0.0005)
+    for tid in list(_ended_threads):
+        while os.path.exists("/proc/self/task/%d" % tid) and time.monotonic() < deadline:
+            time.sleep(0.0002)
+        _ended_threads.discard(tid)
 
 
 def fork():

@@ -20,6 +20,7 @@ Correctness rests on two orders, both safe under the GIL:
 
 import threading
 from concurrent.futures import Future
+from concurrent.futures._base import LOGGER
 from concurrent.futures._base import (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING,
                                       RUNNING)
 
@@ -77,9 +78,18 @@ class FastFuture(Future):
         self._invoke_callbacks()
         return True
 
-    def finish(self, result=None, exception=None):
-        """Complete a RUNNING future (exchange thread only); a finished one is left alone."""
-        finish_all(((self, result, exception),))
+    def _invoke_callbacks(self):
+        # Callbacks run on the exchange thread: whatever one raises (SystemExit included)
+        # is logged, and the other callbacks and the loop go on.
+        for callback in self._done_callbacks:
+            try:
+                callback(self)
+            except BaseException:  # noqa: B902
+                LOGGER.exception("exception calling callback for %r", self)
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("cannot pickle %r object: a Future lives in the process that made "
+                        "it; pass its result instead" % type(self).__name__)
 
 
 def finish_all(outcomes):

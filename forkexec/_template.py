@@ -1,35 +1,31 @@
-"""The template process: a single-threaded copy of the parent that forks the workers.
+"""The template process: a single-threaded process that forks the workers.
 
-The parent forks the template once (at the first ``submit``) and talks to it
-over a ``SOCK_SEQPACKET`` control socket, one fixed-size record per message::
+With the fork start method the parent forks the template at the first
+``submit``; with spawn or forkserver, ``multiprocessing`` starts it as a fresh
+interpreter (the main module imported as ``__mp_main__``, nothing else
+inherited). Either way every worker is forked from the template, never from the
+(possibly multi-threaded) parent, so a worker can be replaced at any time safely
+and costs a fork, not an interpreter start. The control records are in
+:mod:`forkexec._protocol`.
 
-    parent -> template   SPAWN(slot)              fork a worker for this slot
-                         SIGNAL(signum)           send signum to every worker
-                         EXIT                     wait for workers to exit, then exit
-    template -> parent   SPAWNED(slot, pid) + fd  the parent's end of the new worker's channel
-                         EXITED(pid, status)      a worker was reaped (raw wait status)
-                         SPAWN_FAILED(slot, errno)
-
-Workers are forked here, never in the (possibly multi-threaded) parent, so a
-worker can be replaced at any time safely. When the control socket reaches EOF
-the parent process is gone (whichever thread forked us): the template kills
-every worker and exits. Workers die with the template (PR_SET_PDEATHSIG).
+When the control socket reaches EOF the parent process is gone (whichever
+thread started us): the template kills every worker and exits. Workers die with
+the template (PR_SET_PDEATHSIG). When a worker exits, the template kills what is
+left of its process group before reaping it.
 """
 
-import array
 import errno
+import mmap
 import os
 import signal
 import socket
-import struct
 import time
 
 from . import _fork
-from .exchange import Poller
+from ._protocol import MARKS_PER_SLOT, Control, recv_record, send_record
 from ._worker import worker_main
+from .exchange import Poller
 
-RECORD = struct.Struct("<iiii")   # kind, a, b, c
-SPAWN, SIGNAL, EXIT, SPAWNED, EXITED, SPAWN_FAILED = range(6)
 #: On EXIT, workers that have not exited after this long are killed.
 EXIT_GRACE = 10.0
 #: Send buffer of worker channels (the kernel allocates it only as data queues).
@@ -38,39 +34,21 @@ SOCKET_BUFFER = 1 << 20
 REAP_INTERVAL = 0.05
 
 
-def send_record(sock, kind, a=0, b=0, c=0, fd=None):
-    data = RECORD.pack(kind, a, b, c)
-    if fd is None:
-        sock.send(data)
-    else:
-        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
-
-
-def recv_record(sock):
-    """(kind, a, b, c, fd-or-None), or None at EOF."""
-    fds = array.array("i")
-    data, ancdata, _flags, _addr = sock.recvmsg(
-        RECORD.size, socket.CMSG_SPACE(fds.itemsize))
-    if not data:
-        return None
-    fd = None
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-            fd = fds[0]
-    return RECORD.unpack(data) + (fd,)
-
-
 class Template:
     """State of the template process (lives only in the template)."""
 
-    def __init__(self, control, config):
+    def __init__(self, control, config, marks, parent_sentinel):
         self.control = control
-        self.config = config          # the executor's WorkerConfig
-        self.workers = {}             # pid -> pidfd or None
+        self.config = config            # the executor's WorkerConfig
+        self.marks = marks              # shared memory: the workers' started/finished marks
+        self.parent_sentinel = parent_sentinel
+        self.pid = os.getpid()
+        self.workers = {}               # pid -> pidfd or None
+        self.serial = 0                 # workers forked so far (names them)
         self.poller = Poller()
         self.exiting = False
-        self.deadline = None          # when exiting: after this, remaining workers are killed
+        self.deadline = None            # when exiting: after this, remaining workers are killed
+        self.kill_at = None             # after a SIGNAL with a grace period: SIGKILL at this time
         self.use_pidfd = hasattr(os, "pidfd_open")
 
     def run(self):
@@ -81,6 +59,8 @@ class Template:
                 if not self.workers:
                     return
                 timeout = REAP_INTERVAL
+            if self.kill_at is not None:
+                timeout = max(0.0, min(timeout or REAP_INTERVAL, self.kill_at - time.monotonic()))
             for pid, _ in self.poller.wait(timeout):
                 if pid is None:
                     self.on_control()
@@ -88,12 +68,18 @@ class Template:
                     self.reap(pid)
             if not self.use_pidfd or self.exiting:
                 self.reap_any()
-            if self.exiting and time.monotonic() >= self.deadline:
+            now = time.monotonic()
+            if self.kill_at is not None and now >= self.kill_at:
+                self.kill_at = None
+                self.signal_all(signal.SIGKILL)
+            if self.exiting and now >= self.deadline:
                 self.signal_all(signal.SIGKILL)
 
     def on_control(self):
         try:
             record = recv_record(self.control)
+        except BlockingIOError:
+            return
         except ConnectionResetError:
             record = None
         if record is None:  # the parent process is gone: nothing may outlive it
@@ -101,12 +87,13 @@ class Template:
             self.poller.unregister(self.control)
             self.begin_exit(grace=0)
             return
-        kind, a, _b, _c, _fd = record
-        if kind == SPAWN:
-            self.spawn(a)
-        elif kind == SIGNAL:
-            self.signal_all(a)
-        elif kind == EXIT:
+        if record.kind == Control.SPAWN:
+            self.spawn(record.a)
+        elif record.kind == Control.SIGNAL:
+            self.signal_all(record.a)
+            if record.a != signal.SIGKILL and record.b > 0:
+                self.kill_at = time.monotonic() + record.b / 1000.0
+        elif record.kind == Control.EXIT:
             self.begin_exit(EXIT_GRACE)
 
     def begin_exit(self, grace):
@@ -117,16 +104,17 @@ class Template:
         try:
             parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         except OSError as exc:   # out of descriptors: the parent reports it
-            self.send(SPAWN_FAILED, slot, exc.errno or errno.EMFILE)
+            self.send(Control.SPAWN_FAILED, slot, exc.errno or errno.EMFILE)
             return
         for end in (parent_end, child_end):   # fewer wake-ups for large payloads
             end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+        self.serial += 1
         try:
             pid = _fork.fork()
         except OSError as exc:
             parent_end.close()
             child_end.close()
-            self.send(SPAWN_FAILED, slot, exc.errno or errno.EAGAIN)
+            self.send(Control.SPAWN_FAILED, slot, exc.errno or errno.EAGAIN)
             return
         if pid == 0:  # the new worker keeps nothing of ours but its channel end
             parent_end.close()
@@ -135,9 +123,8 @@ class Template:
                 if fd is not None:
                     os.close(fd)
             self.poller.close()
-            cfg = self.config
-            worker_main(child_end, slot, cfg.marks, cfg.initializer, cfg.initargs,
-                        cfg.max_tasks_per_child, cfg.template_pid)
+            worker_main(child_end, slot, self.serial, self.config, self.marks,
+                        self.parent_sentinel, self.pid)
         child_end.close()
         pidfd = None
         if self.use_pidfd:
@@ -147,7 +134,7 @@ class Template:
             except OSError:   # out of descriptors: look for exits by polling instead
                 self.use_pidfd = False
         self.workers[pid] = pidfd
-        self.send(SPAWNED, slot, pid, fd=parent_end.fileno())
+        self.send(Control.SPAWNED, slot, pid, fd=parent_end.fileno())
         parent_end.close()
 
     def send(self, kind, a=0, b=0, c=0, fd=None):
@@ -157,6 +144,8 @@ class Template:
             pass
 
     def reap(self, pid):
+        """``pid`` has exited (its pidfd is readable): kill its group, then reap it."""
+        _kill_group(pid)
         try:
             done, status = os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
@@ -166,13 +155,19 @@ class Template:
 
     def reap_any(self):
         while self.workers:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+            try:   # look without reaping, so the group can be killed while its pid is held
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:
                 self.workers.clear()
                 return
-            if not pid:
+            if info is None or not info.si_pid:
                 return
+            pid = info.si_pid
+            _kill_group(pid)
+            try:
+                _pid, status = os.waitpid(pid, 0)
+            except ChildProcessError:
+                status = 0
             if pid in self.workers:
                 self.forget(pid, status)
 
@@ -181,7 +176,7 @@ class Template:
         if pidfd is not None:
             self.poller.unregister(pidfd)
             os.close(pidfd)
-        self.send(EXITED, pid, status)
+        self.send(Control.EXITED, pid, status)
 
     def signal_all(self, signum):
         for pid in self.workers:
@@ -191,16 +186,56 @@ class Template:
                 pass
 
 
-def template_main(control, config):
+def _kill_group(pid):
+    """Kill what a worker started (its process group), once the worker itself has exited."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:   # no such group: it had no descendants left, or never made its group
+        pass
+
+
+def template_main(control, config, nslots, marks_fd, parent_sentinel):
     """Body of the template process; never returns."""
     code = 0
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's business
-        config.template_pid = os.getpid()
-        Template(control, config).run()
+        _stdin_from_devnull()
+        size = 8 * MARKS_PER_SLOT * nslots
+        marks_map = mmap.mmap(marks_fd, size)
+        os.close(marks_fd)
+        marks = memoryview(marks_map).cast("q")
+        Template(control, config, marks, parent_sentinel).run()
     except BaseException:  # noqa: B902 - report through the exit status, never hang
         import traceback
         traceback.print_exc()
         code = 70
     finally:
         _fork.exit_child(code)
+
+
+def _stdin_from_devnull():
+    """Workers never read the program's stdin (a task would block on it, or steal input)."""
+    try:
+        fd = os.open(os.devnull, os.O_RDONLY)
+    except OSError:
+        return
+    if fd != 0:
+        os.dup2(fd, 0)
+        os.close(fd)
+
+
+class InheritedFd:
+    """A descriptor for a template started by ``multiprocessing`` (spawn, forkserver):
+    pickling it asks the starting process to pass the descriptor on."""
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def __reduce__(self):
+        from multiprocessing import reduction
+        return _detach, (reduction.DupFd(self.fd),)
+
+
+def _detach(dup):
+    return dup.detach()
+

@@ -1,45 +1,37 @@
-"""The worker process: receive batches of tasks, run them, send results back.
+"""The worker process: a ``multiprocessing`` child that runs batches of tasks.
 
-Parent -> worker, one frame per batch: ``[(task_id, kind, blob), ...]`` where
-``blob`` is a pickle made in the parent (so a task that cannot be unpickled
-fails alone): ``CALL`` blobs hold ``(fn, args, kwargs)``, ``CHUNK`` blobs hold
-``(fn, star, [item, ...])`` for ``map`` (items are argument tuples if ``star``)
-and give ``(values, {index: failure})``. ``fn`` is ``(pickle, shareable)``:
-plain functions pickle by name, so the worker unpickles each one once.
+A worker is forked by the template and then starts the way a ``multiprocessing``
+child does (``BaseProcess._bootstrap``): the after-fork hooks that
+``multiprocessing`` objects registered run (a ``multiprocessing.Queue`` gets its
+own feeder thread, a manager proxy its own connection), ``current_process()`` is
+the worker and ``parent_process()`` the program, stdin is ``/dev/null``, and the
+worker's finalizers run when it exits. Tools that hook ``_bootstrap``
+(coverage.py's subprocess measurement) see workers like any other child.
 
-Worker -> parent: ``(RESULTS, batch_done, seconds, [(task_id, ok, blob, seconds), ...])``
-where ``ok`` is FAILED, OK or INLINE_OK: each ``blob`` is pickled on its own
-(an unpicklable result fails only its task) unless it is a small value of a
-builtin type, carried as is; ``seconds`` is how long the task ran. Or
-``(INIT_FAILED, failure_blob)`` if the initializer raised.
-Results of a long batch are sent every ``FLUSH_EVERY`` seconds, so the parent
-sees progress and knows which tasks are done.
-
-Before each task the worker writes its id into a shared-memory slot; if the
-worker dies, the parent reads which task was running.
+Each worker leads its own process group, which the template kills when the
+worker exits, so nothing a task started outlives its worker unless it asked to
+(a new session). See :mod:`forkexec._protocol` for the messages.
 """
 
 import os
 import pickle
 import time
+import traceback
 
 from . import _fork
+from ._protocol import InitFailed, Kind, Results, Status, WorkerError
 from .channel import Channel
-from .errors import ChannelBroken, RemoteFailure
+from .errors import ChannelBroken, RemoteFailure, add_note
 from .wire import OUT_OF_BAND_MIN
 
-CALL, CHUNK = 0, 1
-#: Result kinds: a pickled failure, a pickled value, a value carried in the frame itself.
-FAILED, OK, INLINE_OK = 0, 1, 2
 #: Results of these exact types cannot fail to unpickle: they skip their own pickle.
 INLINE = frozenset((int, float, bool, type(None), complex, str, bytes))
 SIZED = frozenset((str, bytes))
 INLINE_MAX = 1 << 12
-RESULTS, INIT_FAILED = 0, 1
-FLUSH_EVERY = 0.05
-IDLE = -1
+#: Finished tasks' results are sent once this long has passed since the last send, so
+#: the results of any task longer than this travel back as it finishes.
+FLUSH_EVERY = 0.001
 PR_SET_PDEATHSIG = 1
-
 
 _libc = None
 
@@ -71,14 +63,15 @@ def _dump_failure(exc):
     return pickle.dumps(RemoteFailure.capture(exc), protocol=5)
 
 
-def _dump_result(value):
+def _dump_result(value, what):
+    """``(status, blob)``: the pickled value, or the pickling error (its own type, with a
+    note) as the task's failure."""
     try:
-        return True, pickle.dumps(value, protocol=5)
+        return Status.OK, pickle.dumps(value, protocol=5)
     except BaseException as exc:  # noqa: B902 - workers ignore SIGINT: any error here is the task's
-        err = pickle.PicklingError("cannot pickle the result (a %s object): %s: %s"
-                                   % (type(value).__qualname__, type(exc).__name__, exc))
-        err.__cause__ = exc
-        return False, _dump_failure(err)
+        add_note(exc, "forkexec: raised while pickling the result of %s (a %s object) in the "
+                      "worker" % (what, type(value).__qualname__))
+        return Status.FAILED, _dump_failure(exc)
 
 
 _functions = {}   # pickled plain function -> the function (they pickle by name)
@@ -97,24 +90,76 @@ def _function(pickled):
     return fn
 
 
+def _unpickling_failed(exc):
+    add_note(exc, "forkexec: raised while unpickling the task in worker process %d"
+             % os.getpid())
+    return Status.FAILED, _dump_failure(exc)
+
+
+def _name(fn):
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
 def _run_call(blob):
     try:
         pickled_fn, args, kwargs = pickle.loads(blob)
-        value = _function(pickled_fn)(*args, **kwargs)
+        fn = _function(pickled_fn)
+    except BaseException as exc:  # noqa: B902
+        return _unpickling_failed(exc)
+    try:
+        value = fn(*args, **kwargs)
     except BaseException as exc:  # noqa: B902 - SystemExit/KeyboardInterrupt fail their task only
-        return False, _dump_failure(exc)
+        return Status.FAILED, _dump_failure(exc)
     if type(value) in INLINE and (type(value) not in SIZED or len(value) < INLINE_MAX):
-        return INLINE_OK, value
-    return _dump_result(value)
+        return Status.INLINE_OK, value
+    return _dump_result(value, _name(fn))
 
 
 def _run_chunk(blob):
-    """A map chunk: ``(values, {index: failure})``, so an exception is raised at its item."""
+    """A map chunk: ``(values, {index: failure}, pickled)``, so an exception is raised at
+    its item. With ``separate`` items, each value is pickled on its own (``pickled``) unless
+    all are of immutable builtin types, so results never share objects either."""
     try:
-        pickled_fn, star, chunk = pickle.loads(blob)
+        pickled_fn, star, separate, chunk = pickle.loads(blob)
         fn = _function(pickled_fn)
     except BaseException as exc:  # noqa: B902
-        return False, _dump_failure(exc)
+        return _unpickling_failed(exc)
+    values, failures = [], {}
+    for item in chunk:
+        try:
+            if separate:
+                item = pickle.loads(item)
+            values.append(fn(*item) if star else fn(item))
+        except BaseException as exc:  # noqa: B902
+            failures[len(values)] = RemoteFailure.capture(exc)
+            values.append(None)
+    what = _name(fn)
+    if separate and not all(type(v) in INLINE for v in values):
+        for i, value in enumerate(values):
+            if i not in failures:
+                status, values[i] = _dump_result(value, "%s (item %d of the chunk)" % (what, i))
+                if status == Status.FAILED:
+                    failures[i] = pickle.loads(values[i])
+                    values[i] = None
+        return _dump_result((values, failures, True), what)
+    status, out = _dump_result((values, failures, False), what)
+    if status == Status.OK:
+        return status, out
+    # Some value does not pickle: find it and fail that item alone.
+    for i, value in enumerate(values):
+        if i not in failures:
+            status, item_blob = _dump_result(value, "%s (item %d of the chunk)" % (what, i))
+            if status == Status.FAILED:
+                failures[i] = pickle.loads(item_blob)
+                values[i] = None
+    return _dump_result((values, failures, False), what)
+
+
+RUNNERS = {Kind.CALL: _run_call, Kind.CHUNK: _run_chunk}
+
+
+def run_chunk(fn, star, chunk):
+    """A map chunk sent through a replaced ``submit``: ``(values, failures, False)``."""
     values, failures = [], {}
     for item in chunk:
         try:
@@ -122,61 +167,103 @@ def _run_chunk(blob):
         except BaseException as exc:  # noqa: B902
             failures[len(values)] = RemoteFailure.capture(exc)
             values.append(None)
-    ok, blob = _dump_result((values, failures))
-    if ok:
-        return ok, blob
-    # Some value does not pickle: find it and fail that item alone.
-    for i, value in enumerate(values):
-        if i not in failures and not _dump_result(value)[0]:
-            failures[i] = pickle.loads(_dump_result(value)[1])
-            values[i] = None
-    return _dump_result((values, failures))
+    return values, failures, False
 
 
-RUNNERS = {CALL: _run_call, CHUNK: _run_chunk}
+class WorkerConfig:
+    """What a worker needs from the executor; reaches the template by fork or by pickle.
+
+    ``process_class`` is the ``multiprocessing`` Process class of the pool's start
+    method; ``parent_sentinel`` a descriptor that reaches EOF when the program exits.
+    """
+
+    def __init__(self, initializer, initargs, max_tasks, process_class, parent_pid,
+                 parent_name):
+        self.initializer = initializer
+        self.initargs = initargs
+        self.max_tasks = max_tasks
+        self.process_class = process_class
+        self.parent_pid = parent_pid
+        self.parent_name = parent_name
 
 
-def worker_main(sock, slot, marks, initializer, initargs, max_tasks, template_pid):
-    """Body of a worker process; never returns."""
-    die_with_parent(template_pid)
-    channel = Channel(0, sock, reapable=False)
-    code = 0
+def worker_main(sock, slot, serial, config, marks, parent_sentinel, template_pid):
+    """Body of a worker process, forked by the template; never returns."""
+    code = 1
     try:
-        if initializer is not None:
-            try:
-                initializer(*initargs)
-            except BaseException as exc:  # noqa: B902
-                channel.send((INIT_FAILED, _dump_failure(exc)))
-                code = 1
-                return
-        _serve(channel, slot, marks, max_tasks)
-    except ChannelBroken:  # the parent closed our channel: time to go
-        pass
+        die_with_parent(template_pid)
+        try:
+            os.setpgid(0, 0)   # a group of its own: the template kills it with the worker
+        except OSError:
+            pass
+        process = config.process_class(
+            target=_run, args=(sock, slot, config, marks),
+            name="ForkExchangeWorker-%d" % serial)
+        process._parent_pid = config.parent_pid
+        process._parent_name = config.parent_name
+        code = process._bootstrap(parent_sentinel=parent_sentinel)
     finally:
         _fork.exit_child(code)
 
 
-def _serve(channel, slot, marks, max_tasks):
+def _run(sock, slot, config, marks):
+    channel = Channel(0, sock, reapable=False)
+    if config.initializer is not None:
+        try:
+            config.initializer(*config.initargs)
+        except BaseException as exc:  # noqa: B902
+            channel.send(InitFailed(_dump_failure(exc)))
+            raise SystemExit(1)
+    try:
+        _serve(channel, slot, config.max_tasks, marks)
+    except ChannelBroken:   # the parent closed our channel: time to go
+        return
+    except BaseException:  # noqa: B902 - tell the parent, then exit with the traceback
+        try:
+            channel.send(WorkerError(traceback.format_exc()))
+        except BaseException:  # noqa: B902
+            pass
+        raise
+
+
+def _serve(channel, slot, max_tasks, marks):
+    started_mark, finished_mark = 2 * slot, 2 * slot + 1
     done = 0
     clock = time.monotonic
     while max_tasks is None or done < max_tasks:
-        batch = channel.receive()
+        tasks, give_back_after = channel.receive()
         results = []
-        started = last_flush = now = clock()
-        last = len(batch) - 1
-        for i, (task_id, kind, blob) in enumerate(batch):
-            marks[slot] = task_id
-            ok, out = RUNNERS[kind](blob)
+        begin = last_flush = now = clock()
+        last = len(tasks) - 1
+        for i, (task_id, kind, blob) in enumerate(tasks):
+            marks[started_mark] = task_id
+            status, out = RUNNERS[kind](blob)
+            marks[finished_mark] = task_id
             before, now = now, clock()
-            if ok != INLINE_OK and len(out) >= OUT_OF_BAND_MIN:   # out of band, uncopied
+            if status != Status.INLINE_OK and len(out) >= OUT_OF_BAND_MIN:   # uncopied
                 out = pickle.PickleBuffer(out)
-            results.append((task_id, ok, out, now - before))
-            if now - last_flush > FLUSH_EVERY and i < last:
-                channel.send((RESULTS, False, now - started, results))
+            results.append((task_id, status, out, now - before))
+            done += 1
+            if i == last:
+                break
+            if give_back_after is not None and now - begin > give_back_after:
+                # The batch runs far longer than estimated: return what has not started.
+                _fork.flush_stdio()
+                channel.send(Results(True, results, [t[0] for t in tasks[i + 1:]]))
+                _give_back_queued(channel)
+                results = None
+                break
+            if now - last_flush > FLUSH_EVERY:
+                channel.send(Results(False, results, ()))
                 results = []
                 last_flush = now
-        marks[slot] = IDLE
-        done += len(batch)
-        _fork.flush_stdio()
-        channel.send((RESULTS, True, clock() - started, results))
+        if results is not None:
+            _fork.flush_stdio()
+            channel.send(Results(True, results, ()))
 
+
+def _give_back_queued(channel):
+    """Return, unstarted, the batches already sent to us behind the current one."""
+    while channel.poll(0):
+        batch = channel.receive()
+        channel.send(Results(True, [], [t[0] for t in batch.tasks]))

@@ -5,6 +5,7 @@ went away. The executor's failures subclass the standard library's
 ``BrokenProcessPool`` so existing ``except`` clauses keep working.
 """
 
+import errno
 import os
 import signal
 from concurrent.futures.process import BrokenProcessPool
@@ -93,6 +94,29 @@ def describe_status(status):
         return "killed by %s(-%d)" % (name, sig)
     code = _exit_status(status)
     return "exit code %s" % code
+
+
+def add_note(exc, note):
+    """Add a PEP 678 note to ``exc`` (``__notes__`` set by hand before Python 3.11)."""
+    try:
+        if hasattr(exc, "add_note"):
+            exc.add_note(note)
+        elif getattr(exc, "__notes__", None) is None:
+            exc.__notes__ = [note]
+        else:
+            exc.__notes__.append(note)
+    except (AttributeError, TypeError):   # an exception type that refuses attributes
+        pass
+    return exc
+
+
+def describe_errno(code):
+    """An errno with the limit that most likely caused it."""
+    hint = {errno.EMFILE: " (the RLIMIT_NOFILE limit on file descriptors; see ulimit -n)",
+            errno.ENFILE: " (the system-wide limit on open files)",
+            errno.EAGAIN: " (the RLIMIT_NPROC limit on processes, or memory; see ulimit -u)",
+            errno.ENOMEM: " (out of memory)"}.get(code, "")
+    return "[Errno %d] %s%s" % (code, os.strerror(code), hint)
 
 
 class RemoteFailure:

@@ -33,7 +33,9 @@ a multi-threaded process.
 import atexit
 import collections
 import errno
+import functools
 import itertools
+import multiprocessing
 import os
 import pickle
 import signal
@@ -41,15 +43,18 @@ import sys
 import threading
 import time
 import weakref
-from concurrent.futures import CancelledError, Executor, Future
+from concurrent.futures import Executor, Future
 
-from . import _fork
-from ._loop import (BY_NAME, MAX_BATCH, TEMPLATE_EXIT_TIMEOUT, ExchangeLoop, FutureType,
-                    WorkerConfig, WorkItem, broken_copy, cost_key, describe_errno,
-                    set_exception)
-from ._worker import CALL, CHUNK
+from ._completion import FutureType, broken_copy
+from ._loop import ExchangeLoop
+from ._protocol import Kind
+from ._scheduler import BY_NAME, MAX_BATCH, cost_key
+from ._shared import Shared, WorkItem
+from ._template_link import TEMPLATE_EXIT_TIMEOUT
+from ._worker import INLINE, WorkerConfig, run_chunk
 from .cpus import usable_cpus
-from .errors import RemoteFailure
+from .errors import RemoteFailure, add_note, describe_errno
+from ._map_results import map_results
 
 #: map(chunksize=1) groups items of functions known to run faster than this...
 AUTO_CHUNK_BELOW = 0.0005
@@ -85,54 +90,30 @@ class ExecutorStatistics:
             "%s=%r" % (n, getattr(self, n)) for n in self.__slots__)
 
 
-class _Shared:
-    """State shared by the caller's side and the exchange thread.
-
-    The pending deque and the flags are only appended/set (atomic under the GIL);
-    nothing here needs a lock. The exchange thread alone touches channels.
-    """
-
-    def __init__(self, owner_pid):
-        self.owner_pid = owner_pid
-        self.foreign = False        # set in a forked child: this executor is not ours
-        self.pending = collections.deque()
-        self.sleeping = False       # the thread is (about to be) blocked in poll
-        self.shutdown = False       # no new work; finish what is queued and stop
-        self.kill_signal = None     # terminate_workers/kill_workers/Ctrl-C: signal to send
-        self.kill_reason = None
-        self.broken = None          # the error that broke the pool
-        self.closed = False         # the exchange thread has finished cleaning up
-        self.thread = None
-        self.wake_r = self.wake_w = -1
-        self.completed = self.failed = self.replaced = self.running = 0
-        self.worker_pids = set()    # live workers (the exchange thread adds and discards)
-        # Measured seconds per call by function (written by the exchange thread, read by
-        # map): this pool's own history, so another pool's tasks never mislead it.
-        self.costs = {}
-        _fork.own(self)
-
-    def _after_fork_in_child(self):
-        # A forked child must never write to the parent's wake-up pipe.
-        self.wake_w = self.wake_r = -1
-        self.foreign = True
-
-    def wake(self):
-        try:
-            os.write(self.wake_w, b"\0")
-        except (BlockingIOError, OSError):
-            pass
+_live = weakref.WeakSet()   # Shared of executors whose exchange thread runs
 
 
-_live = weakref.WeakSet()   # _Shared of executors whose exchange thread runs
+def _start_method(mp_context):
+    """``(template_context, process_class)``: None to fork the template from this process
+    (the fork start method), else the context that starts it as a fresh interpreter."""
+    if mp_context is None:
+        return None, multiprocessing.get_context("fork").Process
+    get_method = getattr(mp_context, "get_start_method", None)
+    if get_method is None:
+        raise TypeError("mp_context must be a multiprocessing context, not %r" % (mp_context,))
+    method = get_method()
+    return (None if method == "fork" else mp_context), mp_context.Process
 
 
 class ForkExchangeExecutor(Executor):
-    """An ``Executor`` running calls in forked worker processes.
+    """An ``Executor`` running calls in worker processes forked from a template.
 
-    Same arguments as ``ProcessPoolExecutor``; ``mp_context`` may only be
-    ``None`` or a fork context. ``on_worker_death`` is ``"break"`` (like the
-    standard executor: a dead worker breaks the pool) or ``"replace"`` (only the
-    task that worker was running fails; a new worker takes its place).
+    Same arguments as ``ProcessPoolExecutor``. ``mp_context`` picks how the template
+    starts: fork (the default) copies this process; spawn or forkserver start it as a
+    fresh interpreter, like ``multiprocessing``; workers are forked from the template.
+    ``on_worker_death`` is ``"break"`` (like the standard executor: a dead worker breaks
+    the pool) or ``"replace"`` (only the task that worker was running fails; a new
+    worker takes its place).
     """
 
     def __init__(self, max_workers=None, mp_context=None, initializer=None, initargs=(), *,
@@ -143,12 +124,7 @@ class ForkExchangeExecutor(Executor):
             raise TypeError("max_workers must be an integer, not %r" % (max_workers,))
         elif max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
-        if mp_context is not None:
-            method = getattr(mp_context, "get_start_method", lambda: None)()
-            if method != "fork":
-                raise ValueError(
-                    "ForkExchangeExecutor always forks its workers: mp_context must be None "
-                    "or a 'fork' context, not %r" % (method or mp_context,))
+        self._template_context, self._process_class = _start_method(mp_context)
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
         if max_tasks_per_child is not None:
@@ -165,12 +141,11 @@ class ForkExchangeExecutor(Executor):
         self._initargs = tuple(initargs)
         self._max_tasks_per_child = max_tasks_per_child
         self._policy = on_worker_death
-        self._shared = _Shared(os.getpid())
-        self._start_lock = threading.Lock()   # guards the one-time start of template and thread
+        self._shared = Shared()
         self._ids = itertools.count()
         self._shutdown_requested = False
 
-    # -- starting --------------------------------------------------------------
+    # -- starting --------------------------------------------------------------------
     def _check_usable(self):
         shared = self._shared
         if not (shared.foreign or shared.shutdown or self._shutdown_requested
@@ -187,8 +162,8 @@ class ForkExchangeExecutor(Executor):
             raise RuntimeError("cannot schedule new futures after shutdown")
 
     def _ensure_started(self):
-        with self._start_lock:
-            shared = self._shared
+        shared = self._shared
+        with shared.start_lock:
             if shared.thread is not None:
                 return
             if self._shutdown_requested:
@@ -196,19 +171,23 @@ class ForkExchangeExecutor(Executor):
             if sys.is_finalizing():
                 raise RuntimeError("cannot schedule new futures after interpreter shutdown")
             _check_fd_budget(self._max_workers)   # the limit may have dropped since __init__
+            loop = ExchangeLoop(shared, self._max_workers, self._policy,
+                                self._max_tasks_per_child, self._template_context)
             try:
-                loop = ExchangeLoop(shared, self._max_workers, self._policy,
-                                    self._max_tasks_per_child)
-            except OSError as exc:   # no descriptor left even for the poller
+                loop.start(WorkerConfig(
+                    self._initializer, self._initargs, self._max_tasks_per_child,
+                    self._process_class, os.getpid(),
+                    multiprocessing.current_process().name))
+            except OSError as exc:   # no descriptor or process left
+                if "ForkExchangeExecutor" in str(exc):
+                    raise
                 raise OSError(exc.errno, "ForkExchangeExecutor could not start: %s"
                               % describe_errno(exc.errno or errno.EMFILE)) from exc
-            loop.start_template(WorkerConfig(loop.marks, self._initializer, self._initargs,
-                                             self._max_tasks_per_child))
             thread = threading.Thread(target=loop.run, name="forkexec-exchange", daemon=True)
             try:
                 thread.start()
             except BaseException as exc:
-                loop.abandon()
+                loop.cleanup(abandon=True)
                 raise RuntimeError("ForkExchangeExecutor could not start its exchange thread: "
                                    "%s" % exc) from exc
             shared.thread = thread
@@ -227,9 +206,9 @@ class ForkExchangeExecutor(Executor):
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # noqa: B902 - reported through the future
-            future.set_exception(_pickling_error(fn, args, kwargs, exc))
+            future.set_exception(_pickling_failed(fn, args, kwargs, exc))
             return future
-        self._enqueue(WorkItem(future, next(self._ids), CALL, blob, fn))
+        self._enqueue(WorkItem(future, next(self._ids), Kind.CALL, blob, fn))
         return future
 
     def _enqueue(self, item):
@@ -238,7 +217,8 @@ class ForkExchangeExecutor(Executor):
         if shared.sleeping:
             shared.wake()
         if shared.closed or shared.broken is not None:
-            # The thread may have drained the queue before our append: fail it here.
+            # The thread may have drained the queue before our append and is gone: take
+            # our own item back (if the thread's last sweep did not settle it already).
             try:
                 shared.pending.remove(item)
             except ValueError:
@@ -247,20 +227,21 @@ class ForkExchangeExecutor(Executor):
                 raise broken_copy(shared.broken)
             raise RuntimeError("cannot schedule new futures after shutdown")
 
-    def _submit_chunk(self, fn, chunk, star):
+    def _submit_chunk(self, fn, chunk, star, separate):
         """One work item running ``fn`` over ``chunk`` (argument tuples if ``star``).
-        Its result is ``(values, {index: RemoteFailure})``."""
+        Its result is ``(values, {index: RemoteFailure}, pickled)``; with ``separate``,
+        items (and results) never share objects, as if each were submitted alone."""
         future = FutureType()
         try:
-            blob = pickle.dumps((_pickled_fn(fn), star, chunk), protocol=5)
+            blob = _chunk_blob(fn, chunk, star, separate)
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # noqa: B902
-            return self._submit_partial_chunk(fn, chunk, star, exc)
-        self._enqueue(WorkItem(future, next(self._ids), CHUNK, blob, fn, len(chunk)))
+            return self._submit_partial_chunk(fn, chunk, star, separate, exc)
+        self._enqueue(WorkItem(future, next(self._ids), Kind.CHUNK, blob, fn, len(chunk)))
         return future
 
-    def _submit_partial_chunk(self, fn, chunk, star, exc):
+    def _submit_partial_chunk(self, fn, chunk, star, separate, exc):
         """A chunk that does not pickle: fail the items that do not, run the others."""
         failures = {}
         for i, item in enumerate(chunk):
@@ -268,24 +249,27 @@ class ForkExchangeExecutor(Executor):
             try:
                 pickle.dumps(args, protocol=5)
             except BaseException as item_exc:  # noqa: B902
-                failures[i] = RemoteFailure(_pickling_error(fn, args, {}, item_exc), "")
+                failures[i] = RemoteFailure(_pickling_failed(fn, args, {}, item_exc), "")
         if not failures:  # the function itself does not pickle: the whole chunk fails
             future = FutureType()
-            future.set_exception(_pickling_error(fn, (), {}, exc))
+            future.set_exception(_pickling_failed(fn, (), {}, exc))
             return future
         good = [item for i, item in enumerate(chunk) if i not in failures]
         future = Future()
         if not good:
-            future.set_result(([None] * len(chunk), failures))
+            future.set_result(([None] * len(chunk), failures, False))
             return future
-        inner = self._submit_chunk(fn, good, star)
+        inner = self._submit_chunk(fn, good, star, separate)
 
         def merge(done):
             try:
-                values, inner_failures = done.result()
+                values, inner_failures, pickled = done.result()
             except BaseException as err:  # noqa: B902
                 future.set_exception(err)
                 return
+            if pickled:
+                values = [None if j in inner_failures else pickle.loads(v)
+                          for j, v in enumerate(values)]
             merged, merged_failures, it = [], dict(failures), iter(range(len(good)))
             for i in range(len(chunk)):
                 if i in failures:
@@ -295,7 +279,7 @@ class ForkExchangeExecutor(Executor):
                 merged.append(values[j])
                 if j in inner_failures:
                     merged_failures[i] = inner_failures[j]
-            future.set_result((merged, merged_failures))
+            future.set_result((merged, merged_failures, False))
 
         future.set_running_or_notify_cancel()
         inner.add_done_callback(merge)
@@ -319,9 +303,12 @@ class ForkExchangeExecutor(Executor):
             self._ensure_started()
         star = len(iterables) != 1   # one iterable: items go as they are, not as 1-tuples
         args = zip(*iterables) if star else iter(iterables[0])
-        if chunksize == 1 and buffersize is None:
+        via_submit = self._submit_is_replaced()
+        separate = False
+        if chunksize == 1 and buffersize is None and not via_submit:
             args = list(args)
             chunksize = self._auto_chunksize(fn, len(args))
+            separate = chunksize > 1
         if chunksize == 1:
             items = args
 
@@ -329,9 +316,14 @@ class ForkExchangeExecutor(Executor):
                 return self.submit(fn, *item) if star else self.submit(fn, item)
         else:
             items = _chunked(args, chunksize)
+            if via_submit:   # tools that wrap submit (progress bars) see every chunk
+                chunk_fn = functools.partial(run_chunk, fn, star)
 
-            def submit_next(chunk):
-                return self._submit_chunk(fn, chunk, star)
+                def submit_next(chunk):
+                    return self.submit(chunk_fn, chunk)
+            else:
+                def submit_next(chunk):
+                    return self._submit_chunk(fn, chunk, star, separate)
 
         if buffersize is None:
             futures = collections.deque(map(submit_next, items))
@@ -339,8 +331,14 @@ class ForkExchangeExecutor(Executor):
         else:
             items = iter(items)
             futures = collections.deque(map(submit_next, itertools.islice(items, buffersize)))
-        return _map_results(futures, items, submit_next, end_time, chunksize > 1,
-                            weakref.ref(self))
+        return map_results(futures, items, submit_next, end_time, chunksize > 1,
+                           weakref.ref(self))
+
+    def _submit_is_replaced(self):
+        """True when ``submit`` was overridden in a subclass or replaced on the instance
+        (map then goes through it, like the standard library's map)."""
+        return "submit" in self.__dict__ or \
+            type(self).submit is not ForkExchangeExecutor.submit
 
     def _auto_chunksize(self, fn, count):
         """Group a map's items when ``fn`` is known to be tiny: results, their order and
@@ -362,7 +360,13 @@ class ForkExchangeExecutor(Executor):
             return  # a forked child owns nothing of ours (its copies were closed at fork)
         self._shutdown_requested = True
         if cancel_futures:
-            _cancel_pending(shared)
+            # Cancelled now, as the caller expects; the exchange thread removes them from
+            # the queue and tells their waiters.
+            for item in list(shared.pending):
+                item.future.cancel()
+            shared.cancel_requested = True
+            if not wait:
+                shared.kill_on_exit = True   # the program said it will not wait
         shared.shutdown = True
         shared.wake()
         if wait:
@@ -376,7 +380,9 @@ class ForkExchangeExecutor(Executor):
         return False
 
     def terminate_workers(self):
-        """Send SIGTERM to every worker, cancel pending work and shut down (Python 3.14 API)."""
+        """Send SIGTERM to every worker, cancel pending work and shut down (Python 3.14
+        API). Workers still alive ``TERMINATE_GRACE`` seconds later are killed; returns
+        once every process of this executor is gone."""
         self._kill(signal.SIGTERM, "terminate_workers() was called")
 
     def kill_workers(self):
@@ -474,7 +480,6 @@ def _check_fd_budget(workers):
 def _kill_shared(shared, signum, reason):
     shared.kill_reason = reason
     shared.kill_signal = signum
-    _cancel_pending(shared)
     shared.shutdown = True
     shared.wake()
     _join(shared)
@@ -491,21 +496,9 @@ def _join(shared):
     except KeyboardInterrupt:
         shared.kill_reason = "the executor was interrupted (KeyboardInterrupt)"
         shared.kill_signal = signal.SIGKILL
-        _cancel_pending(shared)
         shared.wake()
         thread.join(TEMPLATE_EXIT_TIMEOUT)
         raise
-
-
-def _cancel_pending(shared):
-    pending = shared.pending
-    while True:
-        try:
-            item = pending.popleft()
-        except IndexError:
-            return
-        if not item.future.cancel():   # a requeued, already running item
-            set_exception(item.future, CancelledError())
 
 
 def _executor_collected(shared):
@@ -517,7 +510,8 @@ def _executor_collected(shared):
 
 @atexit.register
 def _at_exit():
-    """Interpreter exit: finish outstanding work, or kill it after a KeyboardInterrupt."""
+    """Interpreter exit: finish outstanding work, or kill it after a KeyboardInterrupt or
+    once the program said it would not wait (``shutdown(wait=False, cancel_futures=True)``)."""
     interrupted = isinstance(getattr(sys, "last_value", None), KeyboardInterrupt)
     for shared in list(_live):
         if shared.owner_pid != os.getpid() or shared.closed:
@@ -525,6 +519,9 @@ def _at_exit():
         try:
             if interrupted:
                 _kill_shared(shared, signal.SIGKILL, "the program was interrupted")
+            elif shared.kill_on_exit:
+                _kill_shared(shared, signal.SIGKILL, "the program exited after "
+                             "shutdown(wait=False, cancel_futures=True)")
             else:
                 shared.shutdown = True
                 shared.wake()
@@ -542,38 +539,19 @@ def _chunked(iterable, size):
         yield chunk
 
 
-_END = object()
+def _chunk_blob(fn, chunk, star, separate):
+    if separate and not _all_immutable(chunk, star):
+        items = [pickle.dumps(item, protocol=5) for item in chunk]
+    else:
+        separate, items = False, chunk
+    return pickle.dumps((_pickled_fn(fn), star, separate, items), protocol=5)
 
 
-def _map_results(futures, chunks, submit_next, end_time, chunked, executor_ref):
-    """The generator behind map(); it cancels what is left when closed or dropped."""
-    try:
-        while futures:
-            future = futures.popleft()
-            if chunks is not None:
-                executor = executor_ref()
-                nxt = next(chunks, _END) if executor is not None else _END
-                if nxt is not _END:
-                    futures.append(submit_next(nxt))
-                del executor
-            if end_time is None:
-                value = future.result()
-            else:
-                value = future.result(end_time - time.monotonic())
-            if not chunked:
-                yield value
-                continue
-            values, failures = value
-            if not failures:
-                yield from values
-                continue
-            for i, item in enumerate(values):
-                if i in failures:
-                    raise failures[i].exception()
-                yield item
-    finally:
-        for future in futures:
-            future.cancel()
+def _all_immutable(chunk, star):
+    """True if sharing objects between items cannot matter (immutable builtin values)."""
+    if star:
+        return all(type(arg) in INLINE for item in chunk for arg in item)
+    return all(type(item) in INLINE for item in chunk)
 
 
 def _pickled_fn(fn):
@@ -589,8 +567,9 @@ def _pickled_fn(fn):
     return pickle.dumps(fn, protocol=5), False
 
 
-def _pickling_error(fn, args, kwargs, exc):
-    """A PicklingError that names the part of a call that could not be pickled."""
+def _pickling_failed(fn, args, kwargs, exc):
+    """``exc`` itself (code written for the standard executor catches its type), with a
+    note naming the part of the call that could not be pickled."""
     what = "the call"
     for label, obj in itertools.chain(
             [("the function %r" % (fn,), fn)],
@@ -602,7 +581,4 @@ def _pickling_error(fn, args, kwargs, exc):
         except BaseException:  # noqa: B902
             what = label
             break
-    err = pickle.PicklingError("cannot pickle %s for the worker: %s: %s"
-                               % (what, type(exc).__name__, exc))
-    err.__cause__ = exc
-    return err
+    return add_note(exc, "forkexec: raised while pickling %s to send it to a worker" % what)
