@@ -7,16 +7,61 @@ fields it relies on, else the standard ``Future``.
 """
 
 import logging
-from concurrent.futures import CancelledError, Future
+import pickle
+from concurrent.futures import Future
 from concurrent.futures._base import CANCELLED, PENDING, RUNNING
 from concurrent.futures.process import BrokenProcessPool
 
 from ._future import FastFuture, finish_all, transition_lock, usable as _fast_futures_usable
-from .errors import WorkerDiedError
+from ._death_policy import describe
+from ._protocol import Status
+from ._scheduler import cost_key
+from .errors import WorkerDiedError, add_note
 
 FAST = _fast_futures_usable()
 FutureType = FastFuture if FAST else Future
 _LOGGER = logging.getLogger("concurrent.futures")
+
+
+def settle_results(entries, worker, scheduler, shared):
+    """Complete the futures of a worker's result entries ``(task_id, status, value,
+    seconds)``; returns the measured ``{cost_key: [seconds, calls]}``."""
+    spent = {}
+    outcomes = []
+    last_fn = last_key = None
+    for task_id, status, value, elapsed in entries:
+        item = scheduler.answered(worker, task_id)
+        if item is None:
+            continue
+        shared.running -= 1
+        if item.fn is not last_fn:
+            last_fn, last_key = item.fn, cost_key(item.fn)
+        total = spent.get(last_key)
+        if total is None:
+            spent[last_key] = [elapsed, item.count]
+        else:
+            total[0] += elapsed
+            total[1] += item.count
+        if status == Status.INLINE_OK:
+            shared.completed += 1
+            outcomes.append((item.future, value, None))
+            continue
+        try:
+            value = pickle.loads(value)
+        except BaseException as exc:  # noqa: B902 - only this task is lost
+            add_note(exc, "forkexec: raised while unpickling the result of %s in the parent"
+                     % describe(item))
+            shared.failed += 1
+            set_exception(item.future, exc)
+            continue
+        if status == Status.OK:
+            shared.completed += 1
+            outcomes.append((item.future, value, None))
+        else:
+            shared.failed += 1
+            outcomes.append((item.future, None, value.exception()))
+    complete(outcomes)
+    return spent
 
 
 def complete(outcomes):
@@ -114,5 +159,3 @@ def cancel(items):
                 _log_unless_finished(err)
 
 
-__all__ = ["CancelledError", "FAST", "FutureType", "broken_copy", "cancel", "complete", "fail",
-           "set_exception", "set_result", "start_running"]

@@ -17,15 +17,15 @@ import traceback
 from concurrent.futures.process import BrokenProcessPool
 
 from . import _fork
-from ._completion import cancel, complete, fail, set_exception, start_running
-from ._death_policy import DeathPolicy, describe
-from ._protocol import Batch, Control, InitFailed, Results, Status, WorkerError
-from ._scheduler import CostModel, Scheduler, cost_key
+from ._completion import cancel, fail, set_exception, settle_results, start_running
+from ._death_policy import DeathPolicy
+from ._protocol import Batch, Control, InitFailed, Results, WorkerError
+from ._scheduler import CostModel, Scheduler
 from ._shared import WakeUp
 from ._template_link import TemplateLink
 from ._worker_table import WorkerTable
 from .channel import Channel
-from .errors import ChannelBroken, add_note, describe_errno
+from .errors import ChannelBroken, describe_errno
 from .exchange import Poller
 from .wire import OUT_OF_BAND_MIN, encode
 
@@ -209,44 +209,9 @@ class ExchangeLoop:
     def on_results(self, worker, msg):
         shared = self.shared
         scheduler = self.scheduler
-        spent = {}   # cost key -> [seconds, calls] in this message
-        outcomes = []
         if msg.entries:
             self.policy.results_arrived()
-        last_fn = last_key = None
-        for task_id, status, value, elapsed in msg.entries:
-            item = scheduler.answered(worker, task_id)
-            if item is None:
-                continue
-            shared.running -= 1
-            if item.fn is not last_fn:
-                last_fn, last_key = item.fn, cost_key(item.fn)
-            total = spent.get(last_key)
-            if total is None:
-                spent[last_key] = [elapsed, item.count]
-            else:
-                total[0] += elapsed
-                total[1] += item.count
-            if status == Status.INLINE_OK:
-                shared.completed += 1
-                outcomes.append((item.future, value, None))
-                continue
-            try:
-                value = pickle.loads(value)
-            except BaseException as exc:  # noqa: B902 - only this task is lost
-                add_note(exc, "forkexec: raised while unpickling the result of %s in the "
-                              "parent" % describe(item))
-                shared.failed += 1
-                set_exception(item.future, exc)
-                continue
-            if status == Status.OK:
-                shared.completed += 1
-                outcomes.append((item.future, value, None))
-            else:
-                shared.failed += 1
-                outcomes.append((item.future, None, value.exception()))
-        complete(outcomes)
-        scheduler.costs.learn(spent)
+            scheduler.costs.learn(settle_results(msg.entries, worker, scheduler, shared))
         if msg.returned:
             returned = [scheduler.answered(worker, task_id) for task_id in msg.returned]
             returned = [item for item in returned if item is not None]

@@ -37,33 +37,26 @@ import functools
 import itertools
 import multiprocessing
 import os
-import pickle
 import signal
 import sys
 import threading
 import time
 import weakref
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor
 
+from ._calls import call_blob, pickling_failed
 from ._completion import FutureType, broken_copy
 from ._loop import ExchangeLoop
+from ._map_chunks import auto_chunksize, chunked, submit_chunk
+from ._map_results import map_results
 from ._protocol import Kind
-from ._scheduler import BY_NAME, MAX_BATCH, cost_key
 from ._shared import Shared, WorkItem
 from ._template_link import TEMPLATE_EXIT_TIMEOUT
-from ._worker import INLINE, WorkerConfig, run_chunk
+from ._worker import WorkerConfig, run_chunk
 from .cpus import usable_cpus
-from .errors import RemoteFailure, add_note, describe_errno
-from ._map_results import map_results
+from .errors import describe_errno
 
-#: map(chunksize=1) groups items of functions known to run faster than this...
-AUTO_CHUNK_BELOW = 0.0005
-#: ...into chunks of about this many seconds.
-AUTO_CHUNK_SECONDS = 0.002
 POLICIES = ("break", "replace")
-#: Pickled plain functions, keyed by the function (they pickle by name, so bytes never change).
-_fn_pickles = {}
-FN_CACHE_SIZE = 512
 
 
 class ExecutorStatistics:
@@ -142,7 +135,7 @@ class ForkExchangeExecutor(Executor):
         self._max_tasks_per_child = max_tasks_per_child
         self._policy = on_worker_death
         self._shared = Shared()
-        self._ids = itertools.count()
+        self._new_id = itertools.count().__next__
         self._shutdown_requested = False
 
     # -- starting --------------------------------------------------------------------
@@ -202,13 +195,13 @@ class ForkExchangeExecutor(Executor):
             self._ensure_started()
         future = FutureType()
         try:
-            blob = pickle.dumps((_pickled_fn(fn), args, kwargs), protocol=5)
+            blob = call_blob(fn, args, kwargs)
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # noqa: B902 - reported through the future
-            future.set_exception(_pickling_failed(fn, args, kwargs, exc))
+            future.set_exception(pickling_failed(fn, args, kwargs, exc))
             return future
-        self._enqueue(WorkItem(future, next(self._ids), Kind.CALL, blob, fn))
+        self._enqueue(WorkItem(future, self._new_id(), Kind.CALL, blob, fn))
         return future
 
     def _enqueue(self, item):
@@ -226,64 +219,6 @@ class ForkExchangeExecutor(Executor):
             if shared.broken is not None:
                 raise broken_copy(shared.broken)
             raise RuntimeError("cannot schedule new futures after shutdown")
-
-    def _submit_chunk(self, fn, chunk, star, separate):
-        """One work item running ``fn`` over ``chunk`` (argument tuples if ``star``).
-        Its result is ``(values, {index: RemoteFailure}, pickled)``; with ``separate``,
-        items (and results) never share objects, as if each were submitted alone."""
-        future = FutureType()
-        try:
-            blob = _chunk_blob(fn, chunk, star, separate)
-        except KeyboardInterrupt:
-            raise
-        except BaseException as exc:  # noqa: B902
-            return self._submit_partial_chunk(fn, chunk, star, separate, exc)
-        self._enqueue(WorkItem(future, next(self._ids), Kind.CHUNK, blob, fn, len(chunk)))
-        return future
-
-    def _submit_partial_chunk(self, fn, chunk, star, separate, exc):
-        """A chunk that does not pickle: fail the items that do not, run the others."""
-        failures = {}
-        for i, item in enumerate(chunk):
-            args = item if star else (item,)
-            try:
-                pickle.dumps(args, protocol=5)
-            except BaseException as item_exc:  # noqa: B902
-                failures[i] = RemoteFailure(_pickling_failed(fn, args, {}, item_exc), "")
-        if not failures:  # the function itself does not pickle: the whole chunk fails
-            future = FutureType()
-            future.set_exception(_pickling_failed(fn, (), {}, exc))
-            return future
-        good = [item for i, item in enumerate(chunk) if i not in failures]
-        future = Future()
-        if not good:
-            future.set_result(([None] * len(chunk), failures, False))
-            return future
-        inner = self._submit_chunk(fn, good, star, separate)
-
-        def merge(done):
-            try:
-                values, inner_failures, pickled = done.result()
-            except BaseException as err:  # noqa: B902
-                future.set_exception(err)
-                return
-            if pickled:
-                values = [None if j in inner_failures else pickle.loads(v)
-                          for j, v in enumerate(values)]
-            merged, merged_failures, it = [], dict(failures), iter(range(len(good)))
-            for i in range(len(chunk)):
-                if i in failures:
-                    merged.append(None)
-                    continue
-                j = next(it)
-                merged.append(values[j])
-                if j in inner_failures:
-                    merged_failures[i] = inner_failures[j]
-            future.set_result((merged, merged_failures, False))
-
-        future.set_running_or_notify_cancel()
-        inner.add_done_callback(merge)
-        return future
 
     def map(self, fn, *iterables, timeout=None, chunksize=1, buffersize=None):
         """Like ``ProcessPoolExecutor.map``: ordered results, an exception at its item.
@@ -307,7 +242,8 @@ class ForkExchangeExecutor(Executor):
         separate = False
         if chunksize == 1 and buffersize is None and not via_submit:
             args = list(args)
-            chunksize = self._auto_chunksize(fn, len(args))
+            chunksize = 1 if self._max_tasks_per_child is not None else auto_chunksize(
+                self._shared.costs, fn, len(args), self._max_workers)   # a chunk is one task
             separate = chunksize > 1
         if chunksize == 1:
             items = args
@@ -315,7 +251,7 @@ class ForkExchangeExecutor(Executor):
             def submit_next(item):
                 return self.submit(fn, *item) if star else self.submit(fn, item)
         else:
-            items = _chunked(args, chunksize)
+            items = chunked(args, chunksize)
             if via_submit:   # tools that wrap submit (progress bars) see every chunk
                 chunk_fn = functools.partial(run_chunk, fn, star)
 
@@ -323,7 +259,7 @@ class ForkExchangeExecutor(Executor):
                     return self.submit(chunk_fn, chunk)
             else:
                 def submit_next(chunk):
-                    return self._submit_chunk(fn, chunk, star, separate)
+                    return submit_chunk(self._enqueue, self._new_id, fn, chunk, star, separate)
 
         if buffersize is None:
             futures = collections.deque(map(submit_next, items))
@@ -339,18 +275,6 @@ class ForkExchangeExecutor(Executor):
         (map then goes through it, like the standard library's map)."""
         return "submit" in self.__dict__ or \
             type(self).submit is not ForkExchangeExecutor.submit
-
-    def _auto_chunksize(self, fn, count):
-        """Group a map's items when ``fn`` is known to be tiny: results, their order and
-        per-item exceptions are unchanged, the cost per item falls many times."""
-        if self._max_tasks_per_child is not None:
-            return 1   # a chunk counts as one task: grouping would stretch the limit
-        cost = self._shared.costs.get(cost_key(fn))
-        if cost is None or cost >= AUTO_CHUNK_BELOW:
-            return 1
-        per_chunk = int(AUTO_CHUNK_SECONDS / max(cost, 1e-7))
-        spread = count // (4 * self._max_workers)
-        return max(1, min(per_chunk, spread, MAX_BATCH))
 
     def shutdown(self, wait=True, *, cancel_futures=False):
         """Stop accepting work; with ``wait``, return once everything has finished
@@ -528,57 +452,3 @@ def _at_exit():
                 _join(shared)
         except KeyboardInterrupt:
             pass
-
-
-def _chunked(iterable, size):
-    it = iter(iterable)
-    while True:
-        chunk = list(itertools.islice(it, size))
-        if not chunk:
-            return
-        yield chunk
-
-
-def _chunk_blob(fn, chunk, star, separate):
-    if separate and not _all_immutable(chunk, star):
-        items = [pickle.dumps(item, protocol=5) for item in chunk]
-    else:
-        separate, items = False, chunk
-    return pickle.dumps((_pickled_fn(fn), star, separate, items), protocol=5)
-
-
-def _all_immutable(chunk, star):
-    """True if sharing objects between items cannot matter (immutable builtin values)."""
-    if star:
-        return all(type(arg) in INLINE for item in chunk for arg in item)
-    return all(type(item) in INLINE for item in chunk)
-
-
-def _pickled_fn(fn):
-    """``(pickle, shareable)`` of a task's function. Plain functions pickle by name: their
-    bytes are cached here, and the worker may keep one unpickled copy for all tasks."""
-    if type(fn) in BY_NAME:
-        blob = _fn_pickles.get(fn)
-        if blob is None:
-            if len(_fn_pickles) >= FN_CACHE_SIZE:
-                _fn_pickles.clear()
-            blob = _fn_pickles[fn] = pickle.dumps(fn, protocol=5)
-        return blob, True
-    return pickle.dumps(fn, protocol=5), False
-
-
-def _pickling_failed(fn, args, kwargs, exc):
-    """``exc`` itself (code written for the standard executor catches its type), with a
-    note naming the part of the call that could not be pickled."""
-    what = "the call"
-    for label, obj in itertools.chain(
-            [("the function %r" % (fn,), fn)],
-            (("argument %d (a %s)" % (i, type(a).__qualname__), a) for i, a in enumerate(args)),
-            (("keyword argument %r (a %s)" % (k, type(v).__qualname__), v)
-             for k, v in kwargs.items())):
-        try:
-            pickle.dumps(obj, protocol=5)
-        except BaseException:  # noqa: B902
-            what = label
-            break
-    return add_note(exc, "forkexec: raised while pickling %s to send it to a worker" % what)
