@@ -63,6 +63,8 @@ class ExchangeLoop:
             self.poller.close()
             raise
         self.table = WorkerTable(self.nworkers, self.link.marks)
+        for slot in range(self.link.prefork):
+            self.table.start_requested(slot)
         self.shared.wakeup = WakeUp()
         self.poller.register(self.shared.wakeup.r, Poller.READ, "wake")
         self.poller.register(self.link.fileno(), Poller.READ, "control")

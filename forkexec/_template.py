@@ -51,8 +51,10 @@ class Template:
         self.kill_at = None             # after a SIGNAL with a grace period: SIGKILL at this time
         self.use_pidfd = hasattr(os, "pidfd_open")
 
-    def run(self):
+    def run(self, prefork):
         self.poller.register(self.control, Poller.READ, None)
+        for slot in range(prefork):   # the pool starts for a task: its first worker, at once
+            self.spawn(slot)
         while True:
             timeout = None if self.use_pidfd else REAP_INTERVAL
             if self.exiting:
@@ -194,7 +196,7 @@ def _kill_group(pid):
         pass
 
 
-def template_main(control, config, nslots, marks_fd, parent_sentinel):
+def template_main(control, config, nslots, marks_fd, parent_sentinel, prefork):
     """Body of the template process; never returns."""
     code = 0
     try:
@@ -204,7 +206,7 @@ def template_main(control, config, nslots, marks_fd, parent_sentinel):
         marks_map = mmap.mmap(marks_fd, size)
         os.close(marks_fd)
         marks = memoryview(marks_map).cast("q")
-        Template(control, config, marks, parent_sentinel).run()
+        Template(control, config, marks, parent_sentinel).run(prefork)
     except BaseException:  # noqa: B902 - report through the exit status, never hang
         import traceback
         traceback.print_exc()

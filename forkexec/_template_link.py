@@ -24,6 +24,8 @@ from .exchange import Poller
 
 #: How long shutdown waits for the template to exit before killing it.
 TEMPLATE_EXIT_TIMEOUT = 15.0
+#: Workers the template forks as soon as it starts, unasked (a pool starts for a task).
+PREFORK = 1
 
 
 def _marks_file(size):
@@ -43,6 +45,7 @@ class TemplateLink:
 
     def __init__(self, nslots, context):
         self.nslots = nslots
+        self.prefork = min(PREFORK, nslots)   # slots 0.. are starting once start() returns
         self.context = context     # a multiprocessing context, or None to fork the template
         self.control = None
         self.pid = 0
@@ -97,7 +100,7 @@ class TemplateLink:
         if pid == 0:
             parent_end.close()
             os.close(self.sentinel_w)
-            template_main(child_end, config, self.nslots, marks_fd, sentinel_r)
+            template_main(child_end, config, self.nslots, marks_fd, sentinel_r, self.prefork)
         self.pid = pid
 
     def _start_process(self, config, child_end, marks_fd, sentinel_r):
@@ -105,7 +108,7 @@ class TemplateLink:
         process = self.context.Process(
             target=template_main, name="ForkExchangeTemplate",
             args=(child_end, config, self.nslots, InheritedFd(marks_fd),
-                  InheritedFd(sentinel_r)))
+                  InheritedFd(sentinel_r), self.prefork))
         process.start()
         # Ours to reap: multiprocessing must neither list it nor join it at exit.
         mp_process._children.discard(process)
