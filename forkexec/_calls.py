@@ -4,7 +4,7 @@ the type pickling raised (code written for the standard executor catches it)."""
 import itertools
 import pickle
 
-from ._scheduler import BY_NAME
+from ._scheduler import is_plain
 from .errors import add_note
 
 #: Pickled plain functions, keyed by the function (they pickle by name, so bytes never change).
@@ -15,7 +15,7 @@ FN_CACHE_SIZE = 512
 def pickled_fn(fn):
     """``(pickle, shareable)`` of a task's function. Plain functions pickle by name: their
     bytes are cached here, and the worker may keep one unpickled copy for all tasks."""
-    if type(fn) in BY_NAME:
+    if is_plain(fn):
         blob = _fn_pickles.get(fn)
         if blob is None:
             if len(_fn_pickles) >= FN_CACHE_SIZE:

@@ -54,7 +54,9 @@ class DeathPolicy:
                 "pool is broken: pending and later tasks fail (on_worker_death='replace' keeps "
                 "the pool going)." % (worker.pid, what, died, LIKELY_CAUSES),
                 worker.pid, status))
-        if gone.running is None and not gone.lost:
+        if gone.running is not None or gone.lost:
+            self.barren = 0
+        else:
             self.barren += 1
             if self.barren >= MAX_BARREN_DEATHS:
                 return Decision([], [], False, WorkerDiedError(
@@ -74,7 +76,7 @@ class DeathPolicy:
                 "%s finished in worker process %d, but its result was lost when the worker "
                 "died (%s) before sending it; it is not run again (at most once). The worker "
                 "was replaced." % (describe(item), worker.pid, died), worker.pid, status)))
-        return Decision(fail, list(gone.unstarted), True, None)
+        return Decision(fail, list(gone.unstarted), keep_size or bool(gone.unstarted), None)
 
 
 def _what(gone):

@@ -86,6 +86,8 @@ class ExchangeLoop:
         for worker in self.table or ():
             self.poller.unregister(worker.channel.fileno())   # its fd number may be reused
             worker.channel.close()
+        if shared.wakeup is not None:   # late wake-ups must not make the wait below spin
+            self.poller.unregister(shared.wakeup.r)
         self.link.close(self.poller, abandon=abandon)
         shared.worker_pids.clear()   # the template reaped them all before it exited
         self.poller.close()
@@ -139,15 +141,9 @@ class ExchangeLoop:
 
     # -- sending work ------------------------------------------------------------------
     def dispatch(self):
-        """Hand queued items to the workers that accept them."""
-        pending = self.shared.pending
-        ready = [w for w in self.table if self.scheduler.accepts(w)]
-        ready.sort(key=lambda w: len(w.tasks))
-        share = len(ready) + len(self.table.starting)
-        for worker in ready:
-            if not pending:
-                return
-            taken, give_back_after = self.scheduler.next_batch(worker, pending, share)
+        """Hand queued items to the workers that accept them, as the scheduler plans."""
+        for worker, taken, give_back_after in self.scheduler.plan(
+                self.table, self.shared.pending, len(self.table.starting)):
             self.in_hand = taken   # so an internal error still fails them
             batch = start_running(taken)
             if batch:

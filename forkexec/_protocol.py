@@ -34,6 +34,8 @@ class Control:
 
 
 _RECORD = struct.Struct("<iiii")   # kind, a, b, c
+#: A received descriptor is not inherited by programs the process later starts (PEP 446).
+_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 ControlRecord = collections.namedtuple("ControlRecord", "kind a b c fd")
 
 
@@ -48,7 +50,8 @@ def send_record(sock, kind, a=0, b=0, c=0, fd=None):
 def recv_record(sock):
     """The next :class:`ControlRecord`, or None at EOF (BlockingIOError if none is queued)."""
     fds = array.array("i")
-    data, ancdata, _flags, _addr = sock.recvmsg(_RECORD.size, socket.CMSG_SPACE(fds.itemsize))
+    data, ancdata, _flags, _addr = sock.recvmsg(_RECORD.size, socket.CMSG_SPACE(fds.itemsize),
+                                                _CLOEXEC)
     if not data:
         return None
     fd = None

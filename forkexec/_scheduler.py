@@ -34,16 +34,30 @@ GIVE_BACK_MIN = 0.02
 JUMP_FACTOR = 10
 #: How many functions' durations are remembered.
 COST_TABLE_SIZE = 1024
-BY_NAME = (types.FunctionType, types.BuiltinFunctionType)
+
+
+def is_plain(fn):
+    """A function that pickles by name and holds no object: a Python function, or a
+    builtin one (not a method bound to an object, like ``array.sum`` or ``list.append``)."""
+    kind = type(fn)
+    if kind is types.FunctionType:
+        return True
+    if kind is types.BuiltinFunctionType:
+        owner = fn.__self__
+        return owner is None or type(owner) is types.ModuleType
+    return False
 
 
 def cost_key(fn):
     """Which tasks share a duration estimate: the same plain function, or the same kind
-    of callable (per-call partials or bound methods must not grow the table)."""
-    if type(fn) in BY_NAME:
+    of callable (per-call partials or bound methods must not grow the table, nor keep
+    their objects alive)."""
+    if is_plain(fn):
         return fn
+    if type(fn) is types.BuiltinFunctionType:   # a method of a C type, bound to an object
+        return (type(fn.__self__), fn.__name__)
     inner = getattr(fn, "func", None) or getattr(fn, "__func__", None)
-    return (type(fn), inner if type(inner) in BY_NAME else None)
+    return (type(fn), inner if is_plain(inner) else None)
 
 
 class CostModel:
@@ -156,6 +170,20 @@ class Scheduler:
         if len(taken) > 1:
             give_back_after = max(GIVE_BACK_MIN, GIVE_BACK_FACTOR * seconds)
         return taken, give_back_after
+
+    def plan(self, workers, queue, starting):
+        """Batches for the workers that accept work, fewest tasks first: yields
+        ``(worker, items, give_back_after)``, taking the items off ``queue`` as it goes.
+        The queue is spread over the ready workers and the ``starting`` ones."""
+        ready = [w for w in workers if self.accepts(w)]
+        ready.sort(key=lambda w: len(w.tasks))
+        share = len(ready) + starting
+        for worker in ready:
+            if not queue:
+                return
+            taken, give_back_after = self.next_batch(worker, queue, share)
+            share = max(1, share - 1)   # the rest of the queue is spread over the others
+            yield worker, taken, give_back_after
 
     def sent(self, worker, items):
         """Record that ``items`` went to ``worker`` as one batch."""

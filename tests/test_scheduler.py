@@ -115,15 +115,11 @@ class Pool:
         return [w for w in self.workers if self.scheduler.accepts(w)]
 
     def dispatch_round(self):
-        """``ExchangeLoop.dispatch``, without the I/O; returns the batches it sent."""
-        ready = self.accepting()
-        ready.sort(key=lambda w: len(w.tasks))
-        share = len(ready) + self.starting
+        """``ExchangeLoop.dispatch`` (``Scheduler.plan``), without the I/O; returns the
+        batches it sent."""
         sent = []
-        for worker in ready:
-            if not self.queue:
-                break
-            taken, give_back_after = self.scheduler.next_batch(worker, self.queue, share)
+        for worker, taken, give_back_after in self.scheduler.plan(
+                self.workers, self.queue, self.starting):
             if taken:
                 give_back_after = give_back_after if len(taken) > 1 else None
                 self.scheduler.sent(worker, taken)
