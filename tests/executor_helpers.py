@@ -274,3 +274,238 @@ def read_line(proc, timeout=30.0):
     if not ready:
         raise AssertionError("the script printed nothing for %.0fs" % timeout)
     return proc.stdout.readline().strip()
+
+
+# -- tasks of test_executor_exactness ------------------------------------------------------
+class Payload:
+    """A result object a test can hold a weak reference to."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def make_payload(value):
+    return Payload(value)
+
+
+def append_and_len(items):
+    """Mutate the argument: each call must see its own copy, as if submitted alone."""
+    items.append(1)
+    return len(items)
+
+
+def nap(seconds, log=None):
+    """Sleep; with ``log``, record ``pid,start,end`` (monotonic, system-wide on Linux)."""
+    start = time.monotonic()
+    time.sleep(seconds)
+    end = time.monotonic()
+    if log is not None:
+        append_line(log, "%d,%.6f,%.6f" % (os.getpid(), start, end))
+    return seconds
+
+
+def gated_log(log, value, gate=None):
+    """Wait for ``gate`` (if any), then record ``value``: the record proves it ran."""
+    if gate is not None:
+        wait_for_gate(gate)
+    append_line(log, value)
+    return value
+
+
+def log_with_pid(log, value, seconds):
+    """Record ``value:pid`` as the task starts, then sleep."""
+    append_line(log, "%s:%d" % (value, os.getpid()))
+    time.sleep(seconds)
+    return value
+
+
+class _SlowFlush:
+    """A stdout whose first flush() announces itself, then blocks: a worker flushing it
+    has finished its task but not yet sent the result."""
+
+    def __init__(self, marker, real):
+        self.marker = marker
+        self.real = real
+
+    def write(self, text):
+        return len(text)
+
+    def flush(self):
+        if self.marker is not None:
+            marker, self.marker = self.marker, None
+            write_atomic(marker, str(os.getpid()))
+            time.sleep(GATE_LIMIT)
+
+
+def finish_then_stall_in_flush(log, marker, value):
+    """Record that the task ran, return; the worker then stalls flushing stdout."""
+    append_line(log, value)
+    sys.stdout = _SlowFlush(marker, sys.stdout)
+    return value
+
+
+class _BoomStream:
+    def write(self, text):
+        return len(text)
+
+    def flush(self):
+        raise RuntimeError("boom")
+
+
+def break_stdout():
+    """A task that returns fine but leaves a stdout whose flush() raises."""
+    sys.stdout = _BoomStream()
+    return 1
+
+
+def _write_and_exit(path, signum, frame):
+    write_atomic(path, str(os.getpid()))
+    os._exit(0)
+
+
+def install_sigterm_writer(path):
+    """An initializer: on SIGTERM, write ``path`` and exit."""
+    import functools
+    import signal
+    signal.signal(signal.SIGTERM, functools.partial(_write_and_exit, path))
+
+
+def ignore_sigterm():
+    """An initializer: SIGTERM does nothing to this worker."""
+    import signal
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def read_stdin(raw=True):
+    """What a task gets from stdin: (sys.stdin.read(), os.read(0, 10) if ``raw``)."""
+    text = sys.stdin.read() if sys.stdin is not None else None
+    if not raw:
+        return text, None
+    try:
+        data = os.read(0, 10)
+    except OSError as exc:
+        data = "OSError %d" % exc.errno
+    return text, data
+
+
+def start_sleeper(new_session=False):
+    """Start ``sleep 60`` from the task; return (its pid, the worker's pid)."""
+    child = subprocess.Popen(["sleep", "60"], start_new_session=new_session)
+    child.returncode = 0   # never waited for by this process: keep Popen.__del__ quiet
+    return child.pid, os.getpid()
+
+
+# -- start methods ------------------------------------------------------------------------
+#: Executor kinds beyond new_executor's: "<stdlib|forkexec>-<start method>".
+START_METHODS = ("fork", "spawn", "forkserver")
+
+
+def executor_of(kind, *args, **kwargs):
+    """Like new_executor, and also "stdlib-spawn", "forkexec-forkserver" and so on: the
+    executor with ``mp_context=multiprocessing.get_context(method)``."""
+    base, _, method = kind.partition("-")
+    if not method:
+        return new_executor(kind, *args, **kwargs)
+    if base not in ("stdlib", "forkexec") or method not in START_METHODS:
+        raise ValueError("unknown executor kind %r" % (kind,))
+    context = multiprocessing.get_context(method)
+    if base == "stdlib":
+        return concurrent.futures.ProcessPoolExecutor(*args, mp_context=context, **kwargs)
+    return ForkExchangeExecutor(*args, mp_context=context, **kwargs)
+
+
+def run_file(path, args=(), timeout=60, python=None):
+    """Run the script file ``path`` as ``python path args...`` (its ``__main__`` has a
+    ``__file__``, as spawn needs to find its functions); return the CompletedProcess."""
+    return subprocess.run([python or sys.executable, str(path)] + [str(a) for a in args],
+                          capture_output=True, text=True, timeout=timeout, env=python_env(),
+                          cwd=os.path.dirname(str(path)))
+
+
+#: A module-level global: tests mutate it in the parent to see which workers inherit it.
+STATE = {"value": "as imported"}
+
+
+def read_state(_=None):
+    return STATE["value"]
+
+
+def start_method_here(_=None):
+    """The start method ``multiprocessing`` reports in this process (without fixing one)."""
+    return multiprocessing.get_start_method(allow_none=True)
+
+
+def sys_path_here(_=None):
+    return list(sys.path)
+
+
+# -- multiprocessing recipes (tests/test_mp_children.py) ----------------------------------
+def log_to_queue(queue):
+    """An initializer: send every log record of this worker to ``queue`` (QueueHandler)."""
+    import logging
+    import logging.handlers
+    root = logging.getLogger()
+    root.handlers[:] = [logging.handlers.QueueHandler(queue)]
+    root.setLevel(logging.INFO)
+
+
+def log_message(i):
+    import logging
+    logging.getLogger("forkexec-tests.task").info("task %d in %d", i, os.getpid())
+    return os.getpid()
+
+
+#: Manager proxies a worker uses: set by keep_proxies (initializer) or by the parent.
+PROXIES = {}
+
+
+def keep_proxies(shared_list):
+    """An initializer: keep the manager's list proxy passed through initargs."""
+    PROXIES["list"] = shared_list
+
+
+def update_proxies(i):
+    """Append to the list proxy from initargs and set an item of the dict proxy that the
+    parent put in PROXIES before the pool started."""
+    PROXIES["list"].append((i, os.getpid()))
+    PROXIES["dict"][i] = os.getpid()
+    return os.getpid()
+
+
+def process_identity(_=None):
+    """How ``multiprocessing`` sees this process, and what a MainProcess guard would do."""
+    current = multiprocessing.current_process()
+    parent = multiprocessing.parent_process()
+    guard_ran = False
+    if multiprocessing.current_process().name == "MainProcess":
+        guard_ran = True
+    return {"pid": os.getpid(), "ppid": os.getppid(), "name": current.name,
+            "parent_pid": None if parent is None else parent.pid,
+            "parent_alive": None if parent is None else parent.is_alive(),
+            "guard_ran": guard_ran}
+
+
+def register_finalizer(directory):
+    """An initializer: a multiprocessing.util.Finalize that writes ``finalized-<pid>``
+    in ``directory`` when this worker exits; ``started-<pid>`` is written now."""
+    from multiprocessing import util
+    write_atomic(os.path.join(directory, "started-%d" % os.getpid()), "")
+    util.Finalize(None, write_atomic,
+                  args=(os.path.join(directory, "finalized-%d" % os.getpid()), ""),
+                  exitpriority=10)
+
+
+def append_pid(path):
+    """A finalizer callback: one line with the pid of the process running it."""
+    append_line(path, os.getpid())
+
+
+def reap_orphaned_helpers(timeout=10.0):
+    """After a script that used spawn or forkserver has exited: its multiprocessing helpers
+    (resource tracker, forkserver) outlive it by design, exit once it is gone, and are
+    re-parented to the test process (a subreaper), which reaps them here. A process of the
+    script still running after ``timeout`` seconds fails the test."""
+    from conftest import descendants, reap_orphans   # the test process only
+    wait_until(lambda: all(state == "Z" for state in descendants().values()), timeout,
+               "the script's processes to exit")
+    reap_orphans()
