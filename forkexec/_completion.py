@@ -136,6 +136,22 @@ def fail(items, error):
                       else error)
 
 
+#: Set on a future whose owner no longer wants it but could not cancel it because it was
+#: sent to a worker (map's iterator timed out or was closed): if the worker gives it back
+#: unstarted, it is cancelled instead of run.
+ABANDONED = "_forkexec_abandoned"
+
+
+def requeue(items, pending):
+    """Put items that never started back at the front of the queue, in order; those
+    abandoned meanwhile are cancelled instead."""
+    abandoned = [item for item in items if getattr(item.future, ABANDONED, False)]
+    if abandoned:
+        cancel(abandoned)
+        items = [item for item in items if not getattr(item.future, ABANDONED, False)]
+    pending.extendleft(reversed(items))
+
+
 def cancel(items):
     """Cancel the futures of ``items`` and tell their waiters, even those already moved to
     RUNNING by a dispatch that never reached a worker (given back, requeued).

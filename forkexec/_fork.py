@@ -80,6 +80,9 @@ def fork():
 
 
 def exit_child(code=0):
-    """Leave a forked child without running the parent's cleanup, output flushed."""
-    flush_stdio()
-    os._exit(code)
+    """Leave a forked child without running the parent's cleanup, output flushed. Nothing
+    a flush raises can keep the child from exiting (it must never run its parent's code)."""
+    try:
+        flush_stdio()
+    finally:
+        os._exit(code)

@@ -17,7 +17,8 @@ import traceback
 from concurrent.futures.process import BrokenProcessPool
 
 from . import _fork
-from ._completion import cancel, fail, set_exception, settle_results, start_running
+from ._completion import (cancel, fail, requeue, set_exception, settle_results,
+                          start_running)
 from ._death_policy import DeathPolicy
 from ._protocol import Batch, Control, InitFailed, Results, WorkerError
 from ._scheduler import CostModel, Scheduler
@@ -62,12 +63,16 @@ class ExchangeLoop:
         except BaseException:
             self.poller.close()
             raise
+        _fork.own(self)   # the poller's descriptor is ours alone
         self.table = WorkerTable(self.nworkers, self.link.marks)
         for slot in range(self.link.prefork):
             self.table.start_requested(slot)
         self.shared.wakeup = WakeUp()
         self.poller.register(self.shared.wakeup.r, Poller.READ, "wake")
         self.poller.register(self.link.fileno(), Poller.READ, "control")
+
+    def _after_fork_in_child(self):
+        self.poller.close()
 
     def run(self):
         try:
@@ -90,6 +95,7 @@ class ExchangeLoop:
             self.poller.unregister(shared.wakeup.r)
         self.link.close(self.poller, abandon=abandon)
         shared.worker_pids.clear()   # the template reaped them all before it exited
+        _fork.disown(self)
         self.poller.close()
         shared.closed = True
         if shared.wakeup is not None:
@@ -215,7 +221,7 @@ class ExchangeLoop:
             returned = [item for item in returned if item is not None]
             scheduler.given_back(worker, len(returned))
             shared.running -= len(returned)
-            shared.pending.extendleft(reversed(returned))
+            requeue(returned, shared.pending)
         if msg.batch_done:
             scheduler.batch_done(worker)
 
@@ -291,7 +297,7 @@ class ExchangeLoop:
         for item, error in decision.fail:
             shared.failed += 1
             set_exception(item.future, error)
-        shared.pending.extendleft(reversed(decision.requeue))
+        requeue(decision.requeue, shared.pending)
         if decision.respawn:
             shared.replaced += 1
             self.spawn(worker.slot)

@@ -10,6 +10,8 @@ results holds one at a time.
 import pickle
 import time
 
+from ._completion import ABANDONED
+
 _END = object()
 
 
@@ -18,7 +20,8 @@ def _result_or_cancel(future, timeout=None):
         try:
             return future.result(timeout)
         finally:
-            future.cancel()   # a future that timed out must not run later
+            if not future.cancel() and not future.done():   # a timed-out future must
+                setattr(future, ABANDONED, True)              # not run later
     finally:
         del future   # no cycle through a raised exception's traceback
 
@@ -50,4 +53,6 @@ def map_results(futures, chunks, submit_next, end_time, chunked, executor_ref):
             del values, failures
     finally:
         for future in futures:
-            future.cancel()
+            if not future.cancel() and not future.done():
+                # Sent to a worker already: if it comes back unstarted, it is not run.
+                setattr(future, ABANDONED, True)

@@ -127,6 +127,7 @@ class TemplateLink:
             self.sentinel_w = -1
         if self.control is not None:
             self.control.close()
+        self._release_marks()
 
     # -- talking -----------------------------------------------------------------------
     def fileno(self):
@@ -227,7 +228,10 @@ class TemplateLink:
             self.sentinel_w = -1
         if self.process is not None:
             self.process.close()
+        self._release_marks()
+
+    def _release_marks(self):
         if self.marks is not None:
             self.marks.release()
-            self._marks_map.close()
+            self._marks_map.close()   # the mapping holds a descriptor of its own
             self.marks = None
