@@ -79,6 +79,9 @@ class Exchange:
         self._waiting = collections.deque()   # queued (callable, args, kwargs, tag)
         self._tags = {}            # channel -> tag of the work it is doing (Map's index)
         self._unreaped = {}        # pid -> channel: removed, but the process has not exited
+        # pid -> (channel, messages delivered, tag) of unreaped children that ended
+        # their channel before their exit status was known: judged when reaped.
+        self._unjudged = {}
         # Channels that may hold a message or EOF already read into memory: they
         # report themselves here, so ready() need not scan every channel.
         self._buffered = set()
@@ -120,8 +123,12 @@ class Exchange:
         ``receive()`` on a returned channel does not block. A channel whose child
         has ended is removed instead of returned (a child that failed is reported
         through :meth:`store_died`); then the call returns early, maybe empty.
+        Never waits for a child to exit: one that has not exited yet is reaped
+        (and judged) by a later call.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        if self._unreaped:
+            self._reap()
         while self._channels:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready, ended = [], False
@@ -147,6 +154,12 @@ class Exchange:
         Channels holding a message that was already read into memory are
         returned at once, without waiting.
         """
+        if not self._channels:
+            # Nothing is registered (the poller may even be closed): only the
+            # children still to be reaped are waited for, by polling.
+            if timeout:
+                time.sleep(timeout)
+            return []
         buffered = [ch for ch in self._buffered if ch.has_message() or ch.at_eof]
         if len(buffered) < len(self._buffered):  # forget those whose messages were taken
             self._buffered.intersection_update(buffered)
@@ -167,8 +180,9 @@ class Exchange:
         return self.limit is not None and self._live() >= self.limit
 
     def unfinished(self):
-        """True while channels are watched or work is queued."""
-        return bool(self._channels or self._waiting)
+        """True while channels are watched, work is queued, or a child whose channel
+        ended is still to be reaped to learn whether it failed (see :meth:`store_died`)."""
+        return bool(self._channels or self._waiting or self._unjudged)
 
     def store_data(self, channel):
         """Handle a message waiting on ``channel``: override in a subclass."""
@@ -181,8 +195,9 @@ class Exchange:
     def store(self, timeout=None):
         """Wait up to ``timeout`` seconds for ready channels and store what they send."""
         if self._unreaped:
-            self._reap()
-            if self._unreaped:
+            if self._reap():
+                timeout = 0  # room was made (the caller may wait for that): do not block
+            elif self._unreaped:
                 timeout = REAP_POLL if timeout is None else min(timeout, REAP_POLL)
         if not self._channels and not self._unreaped:
             timeout = 0  # nothing can become ready: never block forever
@@ -216,30 +231,59 @@ class Exchange:
             channel.send(None)
 
     def _ended(self, channel):
-        """The child closed its channel: remove it, reporting a child that failed silently."""
+        """The child closed its channel: remove it, reporting a child that failed silently.
+
+        Never waits for the child to exit: if its exit status is not known yet,
+        it stays in ``_unreaped`` and is judged when a later call reaps it.
+        """
         delivered = self._channels.get(channel, 0)
         failed = channel in self._failed
         tag = self._tags.get(channel)
-        status = None
-        if channel.pid > 0 and channel._reapable:
-            status = _wait_briefly(channel)
-        self.remove(channel)
+        self.remove(channel)   # with autoclose, reaps it if it has exited already
+        reapable = channel.pid > 0 and channel._reapable
+        status = channel.wait(os.WNOHANG) if reapable else None
+        if status is None and reapable:
+            # Still running (or not yet a zombie): reap it later, and judge it then
+            # unless its failure was raised already.
+            self._unreaped[channel.pid] = channel
+            if not failed:
+                self._unjudged[channel.pid] = (channel, delivered, tag)
+        else:
+            if reapable:
+                self._unreaped.pop(channel.pid, None)   # remove() may have listed it
+            if not failed:
+                self._judge(channel, delivered, tag, status)
+
+    def _judge(self, channel, delivered, tag, status):
+        """Report through store_died a child that ended abnormally or without a result."""
         abnormal = status is not None and status != 0
-        if not failed and (not delivered or abnormal):
-            why = describe_status(status) if status is not None else "exit status unknown"
-            what = "without sending a result" if not delivered else "abnormally"
-            err = ChannelBroken("child process %d ended %s (%s)" % (channel.pid, what, why),
-                                channel.pid, status)
-            self._tags[channel] = tag
-            try:
-                self.store_died(channel, err)
-            finally:
-                self._tags.pop(channel, None)
+        if delivered and not abnormal:
+            return
+        why = describe_status(status) if status is not None else "exit status unknown"
+        what = "without sending a result" if not delivered else "abnormally"
+        err = ChannelBroken("child process %d ended %s (%s)" % (channel.pid, what, why),
+                            channel.pid, status)
+        self._tags[channel] = tag
+        try:
+            self.store_died(channel, err)
+        finally:
+            self._tags.pop(channel, None)
 
     def _reap(self):
+        """Reap (without waiting) the children that have exited; judge those whose
+        channel ended before their exit status was known. Returns how many were reaped."""
+        reaped = 0
         for pid, channel in list(self._unreaped.items()):
-            if channel.wait(os.WNOHANG) is not None:
-                del self._unreaped[pid]
+            status = channel.wait(os.WNOHANG)
+            if status is None:
+                continue
+            del self._unreaped[pid]
+            reaped += 1
+            unjudged = self._unjudged.pop(pid, None)
+            if unjudged is not None:
+                _, delivered, tag = unjudged
+                self._judge(channel, delivered, tag, status)   # may raise: the rest wait
+        return reaped
 
     def _start_waiting(self):
         while self._waiting and not self.busy():
@@ -290,19 +334,17 @@ class Exchange:
         return ManagedCallable(callable, self)
 
     def close(self):
-        """Close every channel and the poller (children are reaped as they exit)."""
+        """Close every channel and the poller, and reap the children that have exited.
+
+        Never waits: children still running are reaped later, by :meth:`store` or
+        :meth:`finish` (which also report a death through :meth:`store_died`), or
+        by :func:`waitall`.
+        """
         for channel in list(self._channels):
             self.remove(channel)
         self._poller.close()
-
-
-def _wait_briefly(channel):
-    deadline = time.monotonic() + _channel.EXIT_GRACE
-    while True:
-        status = channel.wait(os.WNOHANG)
-        if status is not None or time.monotonic() >= deadline:
-            return status
-        time.sleep(0.0005)
+        if self._unreaped:
+            self._reap()
 
 
 class ManagedCallable:

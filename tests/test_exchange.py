@@ -416,3 +416,222 @@ def test_map_reports_failures_at_their_index():
     assert exitcode_of(info.value) == -9
     m.finish()
     assert no_processes_left()
+
+
+# -- children that close their channel and linger before exiting --------------------------
+
+QUICK = 1.0     # seconds: generous, the calls below wait 0.1 s at most
+
+
+def closes_then_lingers(channel, release, code, send=True):
+    """Send (or not), close the channel, then stay alive until one byte comes on ``release``."""
+    if send:
+        channel.send("sent")
+    channel.close()
+    os.read(release, 1)
+    os._exit(code)
+
+
+@pytest.fixture
+def gate():
+    """A pipe that keeps lingering children alive until ``gate.open()``; always opened at the end."""
+    class Gate:
+        def __init__(self):
+            self.r, self._w = os.pipe()
+
+        def open(self, n=1):
+            os.write(self._w, b"x" * n)
+
+    g = Gate()
+    try:
+        yield g
+    finally:
+        g.open(64)              # release any child a failing test left waiting,
+        forkexec.waitall()      # and reap it (a passing test reaped it already)
+        os.close(g.r)
+        os.close(g._w)
+
+
+class Recording(Collect):
+    """Collect, recording store_died reports instead of raising them."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.died = []
+
+    def store_died(self, channel, error):
+        self.died.append(error)
+
+
+def timed(fn, *args):
+    started = time.monotonic()
+    result = fn(*args)
+    return result, time.monotonic() - started
+
+
+def store_until_ended(ex, channel):
+    """store(0.1) until ``channel`` is no longer watched; returns the longest call."""
+    longest, deadline = 0.0, time.monotonic() + 10
+    while channel in ex.active() and time.monotonic() < deadline:
+        _, took = timed(ex.store, 0.1)
+        longest = max(longest, took)
+    assert channel not in ex.active()
+    return longest
+
+
+def test_store_does_not_wait_for_a_child_that_lingers_after_closing(gate):
+    ex = Recording()
+    channel = forkexec.start(closes_then_lingers, gate.r, 5)
+    ex.add(channel)
+    assert store_until_ended(ex, channel) < QUICK
+    assert ex.got == ["sent"] and ex.died == []        # its exit status is not known yet
+    assert channel.pid in children()                    # still running: not waited for
+    assert ex.active() == [] and ex.unfinished()        # its end is still to be judged
+    _, took = timed(ex.store, 0.1)                      # nothing left but the lingering child
+    assert took < QUICK and ex.died == []
+    gate.open()
+    ex.finish()                                         # reaps it and reports the exit code
+    assert [exitcode_of(e) for e in ex.died] == [5] and ex.died[0].pid == channel.pid
+    assert str(ex.died[0]) == "child process %d ended abnormally (exit code 5)" % channel.pid
+    assert no_processes_left()
+
+
+def test_ready_does_not_wait_for_a_child_that_lingers_after_closing(gate):
+    ex = Recording()
+    channel = forkexec.start(closes_then_lingers, gate.r, 4, send=False)
+    ex.add(channel)
+    longest, deadline = 0.0, time.monotonic() + 10
+    while ex.active() and time.monotonic() < deadline:
+        ready, took = timed(ex.ready, 0.1)
+        assert ready == []
+        longest = max(longest, took)
+    assert ex.active() == [] and longest < QUICK
+    assert ex.died == [] and channel.pid in children()
+    gate.open()
+    ex.finish()
+    assert [exitcode_of(e) for e in ex.died] == [4]
+    assert str(ex.died[0]) == (
+        "child process %d ended without sending a result (exit code 4)" % channel.pid)
+    assert no_processes_left()
+
+
+def test_a_store_loop_on_unfinished_reports_the_lingering_childs_death(gate):
+    ex = Recording()
+    channel = forkexec.start(closes_then_lingers, gate.r, 9, send=False)
+    ex.add(channel)
+    longest, released, deadline = 0.0, False, time.monotonic() + 10
+    while ex.unfinished() and time.monotonic() < deadline:
+        _, took = timed(ex.store, 0.1)
+        longest = max(longest, took)
+        if not ex.active() and not released:
+            assert ex.died == []
+            gate.open()
+            released = True
+    assert longest < QUICK and not ex.unfinished()
+    assert [exitcode_of(e) for e in ex.died] == [9]
+    ex.finish()
+    assert no_processes_left()
+
+
+def test_a_lingering_child_that_exits_cleanly_after_its_result_is_not_reported(gate):
+    ex = Recording()
+    channel = forkexec.start(closes_then_lingers, gate.r, 0)
+    ex.add(channel)
+    assert store_until_ended(ex, channel) < QUICK
+    gate.open()
+    ex.finish()
+    assert ex.got == ["sent"] and ex.died == [] and channel.status == 0
+    assert no_processes_left()
+
+
+def test_a_later_store_reports_the_lingering_childs_death(gate):
+    ex = Recording()
+    channel = forkexec.start(closes_then_lingers, gate.r, 6, send=False)
+    ex.add(channel)
+    assert store_until_ended(ex, channel) < QUICK and ex.died == []
+    gate.open()
+    deadline = time.monotonic() + 10
+    while not ex.died and time.monotonic() < deadline:
+        _, took = timed(ex.store, 0.1)
+        assert took < QUICK
+    assert [exitcode_of(e) for e in ex.died] == [6]
+    assert no_processes_left()
+
+
+def test_the_default_store_died_raises_when_the_lingering_child_is_reaped(gate):
+    ex = Collect()
+    channel = forkexec.start(closes_then_lingers, gate.r, 7)
+    ex.add(channel)
+    assert store_until_ended(ex, channel) < QUICK
+    gate.open()
+    with pytest.raises(ChannelBroken, match=r"ended abnormally \(exit code 7\)$") as info:
+        ex.finish()
+    assert info.value.pid == channel.pid and exitcode_of(info.value) == 7
+    ex.finish()                                         # reported once, not again
+    assert ex.got == ["sent"]
+    assert no_processes_left()
+
+
+def test_a_lingering_child_counts_against_the_limit_until_reaped(gate):
+    ex = Recording(limit=1)
+    channel = forkexec.start(closes_then_lingers, gate.r, 0)
+    ex.add(channel)
+    assert store_until_ended(ex, channel) < QUICK
+    assert ex.busy()                                    # not running work, but still alive
+    gate.open()
+    ex.wait()
+    assert not ex.busy() and ex.died == []
+    assert no_processes_left()
+
+
+def test_queue_and_map_report_a_lingering_child_at_its_place(gate):
+    q = Queue()
+    q.start(closes_then_lingers, gate.r, 3, send=False)
+    q.start(dies, "fine")
+    lingering = q.active()[0]
+    assert store_until_ended(q, lingering) < QUICK
+    gate.open()
+    got = []
+    for _ in range(2):
+        try:
+            got.append(next(q))
+        except ChannelBroken as exc:
+            got.append(exitcode_of(exc))
+    assert sorted(got, key=str) == [3, "fine"]
+    assert list(q) == []
+
+    m = Map()
+    m.start(dies, "fine")
+    m.start(closes_then_lingers, gate.r, 3, send=False)
+    lingering = m.active()[1]
+    assert store_until_ended(m, lingering) < QUICK
+    gate.open()
+    assert m[0] == "fine"
+    with pytest.raises(ChannelBroken) as info:
+        m[1]
+    assert exitcode_of(info.value) == 3 and info.value.pid == lingering.pid
+    m.finish()
+    assert no_processes_left()
+
+
+def test_close_does_not_wait_for_a_lingering_child_and_finish_still_reports_it(gate):
+    ex = Recording()
+    channel = forkexec.start(closes_then_lingers, gate.r, 2)
+    ex.add(channel)
+    assert store_until_ended(ex, channel) < QUICK
+    _, took = timed(ex.close)
+    assert took < QUICK and channel.pid in children()
+    gate.open()
+    ex.finish()
+    assert [exitcode_of(e) for e in ex.died] == [2]
+    assert no_processes_left()
+
+
+def test_an_exited_child_is_judged_at_once():
+    ex = Recording()
+    ex.start(dies, "exit3")
+    channel = ex.active()[0]
+    assert channel.wait() is not None                   # reaped here: its status is known
+    assert store_until_ended(ex, channel) < QUICK
+    assert [exitcode_of(e) for e in ex.died] == [3] and not ex._unreaped
+    assert no_processes_left()
