@@ -3,6 +3,15 @@
 The test process makes itself a child subreaper (Linux), so a grandchild
 orphaned by a test (a worker whose template died, a detached background
 process) is re-parented here and still counts as left behind.
+
+multiprocessing's two long-lived helper processes, the resource tracker (any
+spawn or forkserver start launches it) and the forkserver, are never counted as
+left behind by a test; what runs below them (a pool's template started by the
+forkserver, its workers) still is. A module whose tests start spawn or
+forkserver pools uses the ``mp_helpers`` fixture: the helpers start before its
+first test (so no test is blamed for them, their descriptors included) and are
+stopped after its last (other suites, e.g. tests/faults, count every process
+below pytest).
 """
 
 import ctypes
@@ -41,9 +50,37 @@ def _stat(pid):
     return int(fields[1]), fields[0].decode()
 
 
+def mp_helper_pids():
+    """Pids of multiprocessing's long-lived helpers (resource tracker, forkserver) that
+    this process started, whichever is running now (multiprocessing restarts a dead one)."""
+    from multiprocessing import forkserver, resource_tracker
+    pids = (getattr(resource_tracker._resource_tracker, "_pid", None),
+            getattr(forkserver._forkserver, "_forkserver_pid", None))
+    return {pid for pid in pids if pid is not None}
+
+
+def start_mp_helpers():
+    """Start the resource tracker and the forkserver now, before any test snapshots its
+    processes and descriptors, so that a test starting a spawn or forkserver pool does not
+    leave them behind (they would live as long as this process, by design)."""
+    from multiprocessing import forkserver, resource_tracker
+    resource_tracker.ensure_running()
+    forkserver.ensure_running()
+
+
+def stop_mp_helpers():
+    """Stop the forkserver and the resource tracker (multiprocessing restarts them when
+    next needed) and wait for them to exit."""
+    from multiprocessing import forkserver, resource_tracker
+    forkserver._forkserver._stop()
+    resource_tracker._resource_tracker._stop()
+
+
 def descendants(root=None):
-    """{pid: state} of every process below ``root`` (default: this one)."""
+    """{pid: state} of every process below ``root`` (default: this one), without
+    multiprocessing's helper processes themselves (their children are included)."""
     root = os.getpid() if root is None else root
+    helpers = mp_helper_pids()
     parents = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
@@ -57,6 +94,8 @@ def descendants(root=None):
             if ppid == parent and pid not in found:
                 found[pid] = state
                 frontier.append(pid)
+    for pid in helpers:
+        found.pop(pid, None)
     return found
 
 
@@ -94,6 +133,15 @@ def kill_all(pids):
             s != "Z" for s in descendants().values()):
         time.sleep(0.01)
     reap_orphans()
+
+
+@pytest.fixture(scope="module")
+def mp_helpers():
+    """multiprocessing's resource tracker and forkserver, running for a module's tests
+    (``pytestmark = pytest.mark.usefixtures("mp_helpers")``)."""
+    start_mp_helpers()
+    yield
+    stop_mp_helpers()
 
 
 @pytest.fixture(autouse=True)

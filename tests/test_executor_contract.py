@@ -3,7 +3,9 @@
 ``stdlib`` is ``concurrent.futures.ProcessPoolExecutor`` with a fork context:
 the oracle. ``forkexec`` is ``ForkExchangeExecutor``: it must behave the same
 wherever a user of the standard executor could tell. Where the two differ on
-purpose, the test says so and runs against forkexec only.
+purpose, the test says so and runs against forkexec only. ``forkexec-spawn``
+and ``forkexec-forkserver`` are ForkExchangeExecutor with that ``mp_context``
+(the template starts as a fresh interpreter): the contract holds for them too.
 """
 
 import asyncio
@@ -24,7 +26,9 @@ import executor_helpers as h
 from conftest import descendants
 from forkexec import ForkExchangeExecutor, usable_cpus
 
-KINDS = ["stdlib", "forkexec"]
+KINDS = ["stdlib", "forkexec", "forkexec-spawn", "forkexec-forkserver"]
+#: spawn and forkserver start multiprocessing's resource tracker and forkserver.
+pytestmark = pytest.mark.usefixtures("mp_helpers")
 
 
 @pytest.fixture(params=KINDS)
@@ -38,7 +42,7 @@ def make(kind):
     created = []
 
     def factory(*args, **kwargs):
-        ex = h.new_executor(kind, *args, **kwargs)
+        ex = h.executor_of(kind, *args, **kwargs)
         created.append(ex)
         return ex
 
@@ -355,15 +359,25 @@ def test_default_max_workers_is_the_number_of_usable_cpus(make, tmp_path):
 @pytest.mark.parametrize("bad", [0, -1])
 def test_max_workers_must_be_positive(kind, bad):
     with pytest.raises(ValueError, match=r"^max_workers must be greater than 0$"):
-        h.new_executor(kind, bad)
+        h.executor_of(kind, bad)
 
 
-def test_forkexec_refuses_a_non_fork_mp_context():
-    # Intentional difference: ProcessPoolExecutor accepts spawn and forkserver
-    # contexts; ForkExchangeExecutor always forks, so it refuses them clearly.
-    for method in ("spawn", "forkserver"):
-        with pytest.raises(ValueError, match="mp_context"):
-            ForkExchangeExecutor(1, multiprocessing.get_context(method))
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_forkexec_accepts_spawn_and_forkserver_mp_contexts(method):
+    # Like ProcessPoolExecutor, ForkExchangeExecutor takes any multiprocessing context:
+    # with spawn or forkserver its template starts as a fresh interpreter.
+    context = multiprocessing.get_context(method)
+    with ForkExchangeExecutor(1, context) as ex:                 # positionally, as the stdlib
+        assert ex.submit(h.square, 4).result(timeout=30) == 16
+        identity = ex.submit(h.process_identity).result(timeout=30)
+    assert identity["parent_pid"] == os.getpid()
+    with ForkExchangeExecutor(1, mp_context=context) as ex:
+        assert list(ex.map(h.square, range(5))) == [0, 1, 4, 9, 16]
+
+
+def test_forkexec_refuses_an_mp_context_that_is_not_a_context():
+    with pytest.raises(TypeError, match="mp_context"):
+        ForkExchangeExecutor(1, mp_context="spawn")
 
 
 def test_forkexec_accepts_a_fork_mp_context():
@@ -376,13 +390,15 @@ def test_script_that_exits_without_shutdown_still_runs_its_tasks(kind):
     script = textwrap.dedent("""
         import sys
         import executor_helpers as h
-        ex = h.new_executor(%r, 2)
+        ex = h.executor_of(%r, 2)
         for i in range(6):
             ex.submit(h.print_line, i)
         sys.stdout.write("main-done\\n")   # one write: workers print at the same time
         sys.stdout.flush()
     """ % kind)
     proc = h.run_script(script, timeout=60)
+    if "-" in kind:   # spawn, forkserver: the script's resource tracker (and forkserver)
+        h.reap_orphaned_helpers()   # outlive it and are left to this process to reap
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.split("\n")
     assert "main-done" in lines
@@ -393,7 +409,7 @@ def test_script_that_exits_without_shutdown_still_runs_its_tasks(kind):
 
 def test_garbage_collected_executor_without_shutdown_goes_away(kind):
     threads_before = threading.active_count()
-    ex = h.new_executor(kind, 2)
+    ex = h.executor_of(kind, 2)
     assert ex.submit(h.square, 6).result(timeout=30) == 36
     del ex
     gc.collect()
