@@ -45,7 +45,7 @@ import weakref
 from concurrent.futures import Executor
 
 from ._calls import call_blob, pickling_failed
-from ._completion import FutureType, broken_copy
+from ._completion import FutureType, broken_copy, fail
 from ._loop import ExchangeLoop
 from ._map_chunks import auto_chunksize, chunked, submit_chunk
 from ._map_results import map_results
@@ -90,7 +90,9 @@ def _start_method(mp_context):
     """``(template_context, process_class)``: None to fork the template from this process
     (the fork start method), else the context that starts it as a fresh interpreter."""
     if mp_context is None:
-        return None, multiprocessing.get_context("fork").Process
+        # The program's explicit choice (set_start_method), else fork: our default.
+        method = multiprocessing.get_start_method(allow_none=True) or "fork"
+        mp_context = multiprocessing.get_context(method)
     get_method = getattr(mp_context, "get_start_method", None)
     if get_method is None:
         raise TypeError("mp_context must be a multiprocessing context, not %r" % (mp_context,))
@@ -216,9 +218,10 @@ class ForkExchangeExecutor(Executor):
                 shared.pending.remove(item)
             except ValueError:
                 return
-            if shared.broken is not None:
-                raise broken_copy(shared.broken)
-            raise RuntimeError("cannot schedule new futures after shutdown")
+            if shared.broken is None:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            # It broke after this call began: its future says so, as the stdlib's would.
+            fail([item], shared.broken)
 
     def map(self, fn, *iterables, timeout=None, chunksize=1, buffersize=None):
         """Like ``ProcessPoolExecutor.map``: ordered results, an exception at its item.

@@ -245,3 +245,31 @@ def test_a_main_guarded_script_with_a_fresh_template_finds_its_main_functions(ki
     imported_as, worker_name = out["where"]
     assert imported_as == "__mp_main__" and worker_name != "MainProcess"
     assert "Traceback" not in proc.stderr, proc.stderr
+
+
+PROGRAM_CHOSE = """
+import json, multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+import executor_helpers as h
+from forkexec import ForkExchangeExecutor
+
+multiprocessing.set_start_method(METHOD)
+h.STATE["value"] = "changed in the parent"
+seen = {}
+for name, cls in [("stdlib", ProcessPoolExecutor), ("forkexec", ForkExchangeExecutor)]:
+    with cls(1) as ex:   # no mp_context: the program's own choice applies
+        seen[name] = ex.submit(h.read_state).result(timeout=30)
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_without_mp_context_the_programs_chosen_start_method_applies(method):
+    try:
+        proc = h.run_script(PROGRAM_CHOSE.replace("METHOD", repr(method)))
+    finally:
+        h.reap_orphaned_helpers()
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout.splitlines()[-1])
+    expected = "changed in the parent" if method == "fork" else "as imported"
+    assert seen == {"stdlib": expected, "forkexec": expected}, seen
