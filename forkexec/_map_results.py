@@ -43,6 +43,11 @@ def map_results(futures, chunks, submit_next, end_time, chunked, executor_ref):
                 continue
             values, failures, pickled = _result_or_cancel(futures.popleft(), timeout)
             values.reverse()   # popped from the end, so the list lets go of each
+            if not failures and not pickled:
+                pop = values.pop
+                while values:
+                    yield pop()
+                continue
             for i in range(len(values)):
                 if i in failures:
                     raise failures[i].exception()
