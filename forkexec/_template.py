@@ -23,7 +23,7 @@ import time
 
 from . import _fork
 from ._protocol import MARKS_PER_SLOT, Control, recv_record, send_record
-from ._worker import worker_main
+from ._worker import load_libc, worker_main
 from .exchange import Poller
 
 #: On EXIT, workers that have not exited after this long are killed.
@@ -200,6 +200,7 @@ def template_main(control, config, nslots, marks_fd, parent_sentinel, prefork):
     """Body of the template process; never returns."""
     code = 0
     try:
+        load_libc()   # a spawned template is a fresh interpreter: workers need prctl
         signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's business
         _stdin_from_devnull()
         size = 8 * MARKS_PER_SLOT * nslots

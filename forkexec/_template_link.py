@@ -19,7 +19,7 @@ from . import _fork
 from ._protocol import MARKS_PER_SLOT, NO_TASK, Control, recv_record, send_record
 from ._template import InheritedFd, template_main
 from ._worker import load_libc
-from .errors import describe_errno, describe_status
+from .errors import describe_errno, describe_exitcode, describe_status
 from .exchange import Poller
 
 #: How long shutdown waits for the template to exit before killing it.
@@ -162,9 +162,7 @@ class TemplateLink:
         if self.process is not None:
             self.process.join(None if block else 0)
             code = self.process.exitcode
-            if code is None:
-                return None
-            return "killed by signal %d" % -code if code < 0 else "exit code %d" % code
+            return None if code is None else describe_exitcode(code)
         try:
             pid, status = os.waitpid(self.pid, 0 if block else os.WNOHANG)
         except ChildProcessError:

@@ -81,6 +81,13 @@ def _exit_status(status):
     return os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
 
 
+def describe_exitcode(code):
+    """The same words as :func:`describe_status`, from an exit code (minus the signal)."""
+    if code < 0:
+        return describe_status(-code)   # a raw status of n is "killed by signal n"
+    return "exit code %d" % code
+
+
 def describe_status(status):
     """A human description of a raw wait status: 'killed by SIGKILL(-9)' or 'exit code 3'."""
     if status is None:

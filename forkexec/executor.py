@@ -115,7 +115,7 @@ class ForkExchangeExecutor(Executor):
                  max_tasks_per_child=None, on_worker_death="break"):
         if max_workers is None:
             max_workers = usable_cpus()
-        elif not isinstance(max_workers, int) or isinstance(max_workers, bool):
+        elif not isinstance(max_workers, int):
             raise TypeError("max_workers must be an integer, not %r" % (max_workers,))
         elif max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
@@ -123,7 +123,7 @@ class ForkExchangeExecutor(Executor):
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
         if max_tasks_per_child is not None:
-            if not isinstance(max_tasks_per_child, int) or isinstance(max_tasks_per_child, bool):
+            if not isinstance(max_tasks_per_child, int):
                 raise TypeError("max_tasks_per_child must be an integer")
             if max_tasks_per_child <= 0:
                 raise ValueError("max_tasks_per_child must be >= 1")
@@ -133,7 +133,11 @@ class ForkExchangeExecutor(Executor):
         _check_fd_budget(max_workers)
         self._max_workers = max_workers
         self._initializer = initializer
-        self._initargs = tuple(initargs)
+        try:
+            self._initargs = tuple(initargs)
+        except TypeError:
+            raise TypeError("initargs must be an iterable of arguments for the initializer, "
+                            "not %r" % (initargs,)) from None
         self._max_tasks_per_child = max_tasks_per_child
         self._policy = on_worker_death
         self._shared = Shared()
@@ -229,16 +233,19 @@ class ForkExchangeExecutor(Executor):
         ``buffersize`` bounds how many chunks are submitted ahead of the consumer.
         """
         if buffersize is not None:
-            if not isinstance(buffersize, int) or isinstance(buffersize, bool):
-                raise TypeError("buffersize must be an integer or None")
+            if not isinstance(buffersize, int):
+                raise TypeError("buffersize must be an integer or None, not %r" % (buffersize,))
             if buffersize < 1:
                 raise ValueError("buffersize must be None or > 0")
-        if not isinstance(chunksize, int) or chunksize < 1:
+        if not isinstance(chunksize, int):
+            raise TypeError("chunksize must be an integer, not %r" % (chunksize,))
+        if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
-        end_time = None if timeout is None else timeout + time.monotonic()
-        self._check_usable()
-        if self._shared.thread is None:
-            self._ensure_started()
+        try:
+            end_time = None if timeout is None else timeout + time.monotonic()
+        except TypeError:
+            raise TypeError("timeout must be a number of seconds or None, not %r"
+                            % (timeout,)) from None
         star = len(iterables) != 1   # one iterable: items go as they are, not as 1-tuples
         args = zip(*iterables) if star else iter(iterables[0])
         via_submit = self._submit_is_replaced()
@@ -262,6 +269,9 @@ class ForkExchangeExecutor(Executor):
                     return self.submit(chunk_fn, chunk)
             else:
                 def submit_next(chunk):
+                    self._check_usable()   # as submit() does: map over nothing never raises
+                    if self._shared.thread is None:
+                        self._ensure_started()
                     return submit_chunk(self._enqueue, self._new_id, fn, chunk, star, separate)
 
         if buffersize is None:

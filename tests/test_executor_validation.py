@@ -279,3 +279,13 @@ def test_shutdown_twice_is_fine(make, kind, started):
     assert ex.shutdown(wait=False, cancel_futures=True) is None
     with ex:   # __exit__ shuts down once more
         pass
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("chunksize", [1, 4])
+def test_map_over_nothing_after_shutdown_is_empty_and_over_something_raises(kind, chunksize):
+    ex = h.new_executor(kind, 1)
+    ex.shutdown(wait=True)
+    assert list(ex.map(h.square, [], chunksize=chunksize)) == []
+    with pytest.raises(RuntimeError, match="shutdown"):
+        ex.map(h.square, [1, 2], chunksize=chunksize)
