@@ -24,8 +24,12 @@ from concurrent.futures._base import LOGGER
 from concurrent.futures._base import (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING,
                                       RUNNING)
 
-# Guards PENDING -> RUNNING and PENDING -> CANCELLED of every FastFuture.
+# Guards PENDING -> RUNNING and PENDING -> CANCELLED of every FastFuture. A child forked
+# while another thread held it gets it unlocked (it would otherwise never be released).
 transition_lock = threading.Lock()
+if hasattr(transition_lock, "_at_fork_reinit"):
+    import os
+    os.register_at_fork(after_in_child=transition_lock._at_fork_reinit)
 
 _STANDARD_FIELDS = {"_condition", "_done_callbacks", "_exception", "_result", "_state",
                     "_waiters"}

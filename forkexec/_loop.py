@@ -17,7 +17,7 @@ import traceback
 from concurrent.futures.process import BrokenProcessPool
 
 from . import _fork
-from ._completion import (cancel, fail, requeue, set_exception, settle_results,
+from ._completion import (ABANDONED, cancel, fail, requeue, set_exception, settle_results,
                           start_running)
 from ._death_policy import DeathPolicy
 from ._protocol import Batch, Control, InitFailed, Results, WorkerError
@@ -56,20 +56,26 @@ class ExchangeLoop:
 
     # -- set-up and tear-down ---------------------------------------------------------
     def start(self, config):
-        """Start the template; then :meth:`run` may run in the exchange thread."""
+        """Start the template; then :meth:`run` may run in the exchange thread. On failure
+        everything is released (and the template, if it started, killed)."""
         self.poller = Poller()
+        _fork.own(self)   # the poller's descriptor is ours alone: not the template's
         try:
             self.link.start(config)
         except BaseException:
+            _fork.disown(self)
             self.poller.close()
             raise
-        _fork.own(self)   # the poller's descriptor is ours alone
-        self.table = WorkerTable(self.nworkers, self.link.marks)
-        for slot in range(self.link.prefork):
-            self.table.start_requested(slot)
-        self.shared.wakeup = WakeUp()
-        self.poller.register(self.shared.wakeup.r, Poller.READ, "wake")
-        self.poller.register(self.link.fileno(), Poller.READ, "control")
+        try:
+            self.table = WorkerTable(self.nworkers, self.link.marks)
+            for slot in range(self.link.prefork):
+                self.table.start_requested(slot)
+            self.shared.wakeup = WakeUp()
+            self.poller.register(self.shared.wakeup.r, Poller.READ, "wake")
+            self.poller.register(self.link.fileno(), Poller.READ, "control")
+        except BaseException:
+            self.cleanup(abandon=True)
+            raise
 
     def _after_fork_in_child(self):
         self.poller.close()
@@ -123,9 +129,11 @@ class ExchangeLoop:
                 self.dispatch()
             if self.finished():
                 return
-            shared.sleeping = True
-            timeout = 0 if (shared.pending and self.can_dispatch()) or \
-                shared.kill_signal is not None or shared.cancel_requested else None
+            shared.sleeping = True   # from here on, callers wake us: look once more
+            timeout = 0 if shared.kill_signal is not None or shared.cancel_requested or \
+                (shared.pending and self.can_act()) else None
+            if self.link.backlog and not self.link.flush():
+                timeout = 0.001 if timeout is None else timeout   # until the socket drains
             events = poller.wait(timeout)
             shared.sleeping = False
             for data, mask in events:
@@ -142,8 +150,11 @@ class ExchangeLoop:
             return True
         return shared.shutdown and not shared.pending and not any(w.tasks for w in self.table)
 
-    def can_dispatch(self):
-        return any(self.scheduler.accepts(w) for w in self.table)
+    def can_act(self):
+        """Queued work can be sent, or a worker started for it, right now."""
+        table = self.table
+        return any(self.scheduler.accepts(w) for w in table) or self.scheduler.workers_wanted(
+            len(self.shared.pending), table.idle(), table.live(), self.nworkers) > 0
 
     # -- sending work ------------------------------------------------------------------
     def dispatch(self):
@@ -152,6 +163,9 @@ class ExchangeLoop:
                 self.table, self.shared.pending, len(self.table.starting)):
             self.in_hand = taken   # so an internal error still fails them
             batch = start_running(taken)
+            if any(getattr(item.future, ABANDONED, False) for item in batch):
+                cancel([item for item in batch if getattr(item.future, ABANDONED, False)])
+                batch = [item for item in batch if not getattr(item.future, ABANDONED, False)]
             if batch:
                 self.send_batch(worker, batch, give_back_after if len(batch) > 1 else None)
             self.in_hand = []
@@ -186,11 +200,8 @@ class ExchangeLoop:
         if mask & Poller.READ:
             channel.read_nowait()
             self.take_messages(worker)
-            if channel.at_eof:
+            if channel.at_eof:   # judged when the template reports its exit
                 self.poller.unregister(channel.fileno())
-                status = self.table.exited.pop(worker.pid, None)
-                if status is not None:
-                    self.worker_gone(worker, status)
 
     def take_messages(self, worker):
         for frame in worker.channel.pop_frames():
@@ -247,7 +258,7 @@ class ExchangeLoop:
             if record.kind == Control.SPAWNED:
                 self.on_spawned(record.a, record.b, record.fd)
             elif record.kind == Control.EXITED:
-                worker = self.table.exit_reported(record.a, record.b)
+                worker = self.table.by_pid.get(record.a)   # None: its channel never came
                 if worker is not None:
                     self.on_exited(worker, record.b)
             elif record.kind == Control.SPAWN_FAILED:
@@ -258,24 +269,21 @@ class ExchangeLoop:
     def on_spawned(self, slot, pid, fd):
         if fd is None:   # the descriptor was dropped on the way: we are at our fd limit
             self.table.start_failed(slot)
-            self.table.exited.pop(pid, None)
             self.break_pool(BrokenProcessPool(
                 "could not take the channel of a new worker process: %s"
                 % describe_errno(errno.EMFILE)))
             return
         channel = Channel(pid, socket.socket(fileno=fd), reapable=False)
-        worker, status = self.table.born(slot, pid, channel, self.max_tasks)
+        worker = self.table.born(slot, pid, channel, self.max_tasks)
         self.shared.worker_pids.add(pid)
         self.poller.register(channel.fileno(), Poller.READ, worker)
-        if status is not None:  # it died before we even heard it was born
-            self.on_exited(worker, status)
 
     def on_exited(self, worker, status):
         channel = worker.channel
         if not channel.closed and not channel.at_eof:
-            # The process is gone, so all it wrote is buffered: read it before judging.
-            while channel.read_nowait():
-                self.take_messages(worker)
+            # The process is gone, so all it wrote is buffered: read it before judging
+            # (until the socket is drained: a descendant may hold it open, so no EOF).
+            channel.read_nowait(limit=1 << 62)
             self.take_messages(worker)
         self.worker_gone(worker, status)
 
@@ -304,6 +312,7 @@ class ExchangeLoop:
 
     def on_template_death(self):
         self.poller.unregister(self.link.fileno())
+        self.link.kill()   # its control socket failed: make sure, then reap it
         self.break_pool(BrokenProcessPool(
             "the template process (pid %d) of this ForkExchangeExecutor died (%s); its "
             "workers died with it" % (self.link.pid, self.link.exit_status(block=True))))

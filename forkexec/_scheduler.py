@@ -104,7 +104,7 @@ class WorkerLoad:
         self.expected = 0.0                    # estimated seconds of its outstanding tasks
         self.unknown = 0                       # outstanding tasks of unknown cost
         self.budget = budget                   # tasks left before it retires, or None
-        self.retiring = False                  # it will exit (budget spent, or shutdown)
+        self.retiring = False                  # it will exit (its budget is spent)
 
 
 class Scheduler:

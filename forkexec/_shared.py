@@ -37,13 +37,17 @@ class WakeUp:
         self.r, self.w = os.pipe()
         os.set_blocking(self.r, False)
         os.set_blocking(self.w, False)
+        self.lock = threading.Lock()   # no wake-up may write to a closed (reused) number
         _fork.own(self)
 
     def wake(self):
-        try:
-            os.write(self.w, b"\0")
-        except OSError:   # full (a wake-up is pending anyway) or closed
-            pass
+        with self.lock:
+            if self.w < 0:
+                return
+            try:
+                os.write(self.w, b"\0")
+            except OSError:   # full: a wake-up is pending anyway
+                pass
 
     def drain(self):
         try:
@@ -54,10 +58,11 @@ class WakeUp:
 
     def close(self):
         _fork.disown(self)
-        for fd in (self.r, self.w):
+        with self.lock:
+            r, w, self.r, self.w = self.r, self.w, -1, -1
+        for fd in (r, w):
             if fd >= 0:
                 os.close(fd)
-        self.r = self.w = -1
 
     def _after_fork_in_child(self):
         for fd in (self.r, self.w):
@@ -73,6 +78,7 @@ class Shared:
         self.owner_pid = os.getpid()
         self.start_lock = threading.Lock()   # the one-time start of template and thread
         self.foreign = False        # set in a forked child: this executor is not ours
+        self.starting = False       # the template is being started (a fork now copies us)
         self.pending = collections.deque()
         self.wakeup = None          # WakeUp, while the exchange thread runs
         self.sleeping = False       # the thread is (about to be) blocked in poll
@@ -92,7 +98,7 @@ class Shared:
         _fork.own(self)
 
     def _after_fork_in_child(self):
-        if self.thread is None and not self.foreign:
+        if self.thread is None and not self.starting and not self.foreign:
             # Never started here: the child may adopt it as its own (a module-level pool
             # in a server that preloads its app and then forks).
             self.owner_pid = os.getpid()

@@ -8,7 +8,7 @@ It is the single owner of those descriptors: a child the program forks closes
 them (``_fork.own``). Normal shutdown and abandonment share :meth:`close`.
 """
 
-import errno
+import collections
 import mmap
 import os
 import signal
@@ -53,53 +53,50 @@ class TemplateLink:
         self.sentinel_w = -1
         self.marks = None
         self._marks_map = None
+        self._backlog = collections.deque()   # control records the full socket refused
 
     # -- starting ----------------------------------------------------------------------
     def start(self, config):
-        """Start the template process; raises OSError with a clear message on failure."""
+        """Start the template process; raises OSError with a clear message on failure,
+        having released everything."""
         load_libc()
         size = 8 * MARKS_PER_SLOT * self.nslots
-        fds = []
+        fds, ends = [], ()
+        _fork.own(self)   # from here on, a forked child (the template too) drops our part
         try:
             marks_fd = _marks_file(size)
             fds.append(marks_fd)
             sentinel_r, self.sentinel_w = os.pipe()
             fds.append(sentinel_r)
-            parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        except OSError as exc:
-            self._close_fds(fds)
-            raise OSError(exc.errno, "ForkExchangeExecutor could not start: %s"
-                          % describe_errno(exc.errno or errno.EMFILE)) from exc
-        self._marks_map = mmap.mmap(marks_fd, size)
-        self.marks = memoryview(self._marks_map).cast("q")
-        for i in range(len(self.marks)):
-            self.marks[i] = NO_TASK
-        try:
+            ends = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            self._marks_map = mmap.mmap(marks_fd, size)
+            self.marks = memoryview(self._marks_map).cast("q")
+            for i in range(len(self.marks)):
+                self.marks[i] = NO_TASK
             if self.context is None:
-                self._fork(config, parent_end, child_end, marks_fd, sentinel_r)
+                self._fork(config, ends[0], ends[1], marks_fd, sentinel_r)
             else:
-                self._start_process(config, child_end, marks_fd, sentinel_r)
+                self._start_process(config, ends[1], marks_fd, sentinel_r)
         except BaseException as exc:
-            parent_end.close()
-            child_end.close()
+            for end in ends:
+                end.close()
             self._close_fds(fds)
             self._release()
             if isinstance(exc, OSError) and exc.errno:
                 raise OSError(exc.errno, "ForkExchangeExecutor could not start its template "
                               "process: %s" % describe_errno(exc.errno)) from exc
             raise
+        parent_end, child_end = ends
         child_end.close()
         self._close_fds(fds)
         parent_end.setblocking(False)
         self.control = parent_end
-        _fork.own(self)
 
     def _fork(self, config, parent_end, child_end, marks_fd, sentinel_r):
         _fork.settle_threads()
         pid = _fork.fork()
-        if pid == 0:
+        if pid == 0:   # the fork hook has dropped our sentinel end and marks mapping
             parent_end.close()
-            os.close(self.sentinel_w)
             template_main(child_end, config, self.nslots, marks_fd, sentinel_r, self.prefork)
         self.pid = pid
 
@@ -134,14 +131,43 @@ class TemplateLink:
         return self.control.fileno()
 
     def spawn(self, slot):
-        send_record(self.control, Control.SPAWN, slot)
+        self._send(Control.SPAWN, slot)
 
     def signal(self, signum, grace=0.0):
         """Send ``signum`` to every worker; SIGKILL those left after ``grace`` seconds."""
-        try:
-            send_record(self.control, Control.SIGNAL, signum, int(grace * 1000))
-        except OSError:
-            pass
+        self._send(Control.SIGNAL, signum, int(grace * 1000))
+
+    def _send(self, kind, a=0, b=0):
+        """Send a record, or queue it while the socket is full (hundreds of workers asked
+        for at once): the loop flushes the backlog. A template that is gone is noticed by
+        :meth:`records`."""
+        if not self._backlog:
+            try:
+                send_record(self.control, kind, a, b)
+                return
+            except BlockingIOError:
+                pass
+            except OSError:
+                return
+        self._backlog.append((kind, a, b))
+
+    def flush(self):
+        """Send queued records; True when none is left."""
+        backlog = self._backlog
+        while backlog:
+            try:
+                send_record(self.control, *backlog[0])
+            except BlockingIOError:
+                return False
+            except OSError:
+                backlog.clear()
+                break
+            backlog.popleft()
+        return True
+
+    @property
+    def backlog(self):
+        return bool(self._backlog)
 
     def records(self):
         """Control records received so far; a None record means the template is gone."""
@@ -176,16 +202,14 @@ class TemplateLink:
         if abandon:
             self.kill()
         else:
-            try:
-                send_record(self.control, Control.EXIT)
-            except OSError:
-                pass
+            self._send(Control.EXIT)
         deadline = time.monotonic() + TEMPLATE_EXIT_TIMEOUT
         exit_fd = self._exit_fd()
         if exit_fd is not None:
             poller.register(exit_fd, Poller.READ, "template")
         try:
             while self.exit_status(block=False) is None:
+                self.flush()
                 for record in self.records():
                     if record is not None and record.fd is not None:
                         os.close(record.fd)
@@ -231,5 +255,7 @@ class TemplateLink:
     def _release_marks(self):
         if self.marks is not None:
             self.marks.release()
-            self._marks_map.close()   # the mapping holds a descriptor of its own
             self.marks = None
+        if self._marks_map is not None:
+            self._marks_map.close()   # the mapping holds a descriptor of its own
+            self._marks_map = None

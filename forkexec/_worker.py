@@ -15,6 +15,7 @@ worker exits, so nothing a task started outlives its worker unless it asked to
 
 import os
 import pickle
+import signal
 import time
 import traceback
 
@@ -68,7 +69,7 @@ def _dump_result(value, what):
     note) as the task's failure."""
     try:
         return Status.OK, pickle.dumps(value, protocol=5)
-    except BaseException as exc:  # noqa: B902 - workers ignore SIGINT: any error here is the task's
+    except BaseException as exc:  # noqa: B902 - even KeyboardInterrupt: it is the task's
         add_note(exc, "forkexec: raised while pickling the result of %s (a %s object) in the "
                       "worker" % (what, type(value).__qualname__))
         return Status.FAILED, _dump_failure(exc)
@@ -196,6 +197,9 @@ def worker_main(sock, slot, serial, config, marks, parent_sentinel, template_pid
             os.setpgid(0, 0)   # a group of its own: the template kills it with the worker
         except OSError:
             pass
+        # The template ignores SIGINT; a worker (and what its tasks start) must not: a
+        # terminal's Ctrl-C does not reach its process group anyway.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         process = config.process_class(
             target=_run, args=(sock, slot, config, marks),
             name="ForkExchangeWorker-%d" % serial)

@@ -1,10 +1,10 @@
 """The worker table: slots, pids, workers starting, and one "worker gone" event.
 
-A worker's end is known from two sources that arrive in either order: EOF on
-its channel and the template's EXITED record. The table holds an exit status
-reported before the worker was even known, and when a worker is removed it
-reads the worker's marks to sort its unanswered tasks: finished (their results
-were lost), running, or never started.
+A worker's end is known from the template's EXITED record, which always follows
+its SPAWNED record on the ordered control socket; EOF on its channel may come
+before or after. When a worker is removed, the table reads the worker's marks to
+sort its unanswered tasks: finished (their results were lost), running, or never
+started.
 """
 
 import collections
@@ -39,7 +39,6 @@ class WorkerTable:
         self.workers = {}        # slot -> Worker
         self.by_pid = {}         # pid -> Worker
         self.starting = set()    # slots asked of the template
-        self.exited = {}         # pid -> status reported before the worker was known
 
     def __iter__(self):
         return iter(list(self.workers.values()))
@@ -66,7 +65,7 @@ class WorkerTable:
         self.starting.discard(slot)
 
     def born(self, slot, pid, channel, budget):
-        """A worker started; returns it and the exit status already reported for it."""
+        """A worker started in ``slot``: returns it."""
         self.starting.discard(slot)
         base = MARKS_PER_SLOT * slot
         for i in range(MARKS_PER_SLOT):
@@ -74,13 +73,6 @@ class WorkerTable:
         worker = Worker(slot, pid, channel, budget)
         self.workers[slot] = worker
         self.by_pid[pid] = worker
-        return worker, self.exited.pop(pid, None)
-
-    def exit_reported(self, pid, status):
-        """The worker with ``pid``, or None (then its status is kept until it is born)."""
-        worker = self.by_pid.get(pid)
-        if worker is None:
-            self.exited[pid] = status
         return worker
 
     def remove(self, worker, status):

@@ -172,21 +172,27 @@ class ForkExchangeExecutor(Executor):
             _check_fd_budget(self._max_workers)   # the limit may have dropped since __init__
             loop = ExchangeLoop(shared, self._max_workers, self._policy,
                                 self._max_tasks_per_child, self._template_context)
+            shared.starting = True   # the template (a fork of us) must not adopt this pool
             try:
                 loop.start(WorkerConfig(
                     self._initializer, self._initargs, self._max_tasks_per_child,
                     self._process_class, os.getpid(),
                     multiprocessing.current_process().name))
             except OSError as exc:   # no descriptor or process left
+                shared.starting = False
                 if "ForkExchangeExecutor" in str(exc):
                     raise
                 raise OSError(exc.errno, "ForkExchangeExecutor could not start: %s"
                               % describe_errno(exc.errno or errno.EMFILE)) from exc
+            except BaseException:
+                shared.starting = False
+                raise
             thread = threading.Thread(target=loop.run, name="forkexec-exchange", daemon=True)
             try:
                 thread.start()
             except BaseException as exc:
                 loop.cleanup(abandon=True)
+                shared.closed = shared.starting = False   # a later submit may try again
                 raise RuntimeError("ForkExchangeExecutor could not start its exchange thread: "
                                    "%s" % exc) from exc
             shared.thread = thread
@@ -445,7 +451,6 @@ def _executor_collected(shared):
         shared.wake()
 
 
-@atexit.register
 def _at_exit():
     """Interpreter exit: finish outstanding work, or kill it after a KeyboardInterrupt or
     once the program said it would not wait (``shutdown(wait=False, cancel_futures=True)``)."""
@@ -465,3 +470,11 @@ def _at_exit():
                 _join(shared)
         except KeyboardInterrupt:
             pass
+
+
+# Like the standard executor: drained when the main thread ends, before atexit handlers
+# the program registered later (they may rely on the work being done).
+if hasattr(threading, "_register_atexit"):
+    threading._register_atexit(_at_exit)
+else:   # pragma: no cover - Python < 3.9
+    atexit.register(_at_exit)

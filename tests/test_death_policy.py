@@ -204,7 +204,7 @@ def test_replace_includes_the_workers_internal_error():
 def test_replace_from_a_table_event():
     """The worker table's event, from the marks, straight into the policy."""
     tbl = WorkerTable(1, [NO_TASK] * MARKS_PER_SLOT)
-    w, _ = tbl.born(0, 600, None, None)
+    w = tbl.born(0, 600, None, None)
     batch = items(4)
     SCHEDULER.sent(w, batch)
     tbl.marks[0] = batch[1].task_id   # started the second

@@ -76,8 +76,7 @@ def test_start_requested_born_and_start_failed_keep_the_slots():
     tbl.start_requested(2)
     assert tbl.free_slots() == [1]
     assert (tbl.live(), tbl.idle()) == (2, 2)   # starting workers will take work
-    worker, status = tbl.born(0, 1234, "channel-0", 5)
-    assert status is None
+    worker = tbl.born(0, 1234, "channel-0", 5)
     assert isinstance(worker, Worker)
     assert (worker.slot, worker.pid, worker.channel, worker.budget) == (0, 1234, "channel-0", 5)
     assert tbl.starting == {2} and tbl.workers == {0: worker} and tbl.by_pid == {1234: worker}
@@ -89,7 +88,7 @@ def test_start_requested_born_and_start_failed_keep_the_slots():
 
 def test_idle_counts_neither_busy_nor_retiring_workers():
     tbl = table(3)
-    idle, busy, retiring = (tbl.born(slot, 10 + slot, None, None)[0] for slot in range(3))
+    idle, busy, retiring = (tbl.born(slot, 10 + slot, None, None) for slot in range(3))
     send(busy, items(1))
     retiring.retiring = True
     assert tbl.idle() == 1
@@ -110,47 +109,22 @@ def test_born_resets_marks_in_an_array():
     assert list(tbl.marks) == [NO_TASK, NO_TASK, 7, 8]
 
 
-def test_exit_reported_before_birth_is_returned_by_born():
-    tbl = table()
-    tbl.start_requested(0)
-    assert tbl.exit_reported(4321, 9) is None   # not born yet: kept
-    assert tbl.exited == {4321: 9}
-    worker, status = tbl.born(0, 4321, None, None)
-    assert status == 9
-    assert tbl.exited == {}
-    # ...and only once, and only for that pid.
-    assert tbl.born(1, 4322, None, None)[1] is None
-
-
-def test_exit_reported_status_zero_is_kept_too():
-    tbl = table()
-    tbl.exit_reported(4321, 0)
-    assert tbl.born(0, 4321, None, None)[1] == 0
-
-
-def test_exit_reported_of_a_known_worker_returns_it():
-    tbl = table()
-    worker, _ = tbl.born(0, 55, None, None)
-    assert tbl.exit_reported(55, 0) is worker
-    assert tbl.exited == {}
-
-
 def test_remove_frees_the_slot_and_the_pid():
     tbl = table()
-    worker, _ = tbl.born(2, 55, None, None)
+    worker = tbl.born(2, 55, None, None)
     gone = tbl.remove(worker, 0)
     assert isinstance(gone, WorkerGone)
     assert (gone.worker, gone.status, gone.running, gone.lost, gone.unstarted) == \
         (worker, 0, None, [], [])
     assert tbl.workers == {} and tbl.by_pid == {} and 2 in tbl.free_slots()
-    assert tbl.exit_reported(55, 0) is None   # a stray second report is kept, not matched
+    assert 55 not in tbl.by_pid   # a stray second exit report matches no worker
 
 
 # -- remove: a dead worker's tasks --------------------------------------------------------
 
 def test_no_task_started_all_unstarted():
     tbl = table()
-    worker, _ = tbl.born(1, 55, None, None)
+    worker = tbl.born(1, 55, None, None)
     batch = send(worker, items(4))
     gone = tbl.remove(worker, 9)
     assert gone.running is None and gone.lost == []
@@ -159,7 +133,7 @@ def test_no_task_started_all_unstarted():
 
 def test_started_and_finished_second_task_first_two_lost():
     tbl = table()
-    worker, _ = tbl.born(1, 55, None, None)
+    worker = tbl.born(1, 55, None, None)
     batch = send(worker, items(4))
     start_mark(tbl, worker, batch[1].task_id)
     finish_mark(tbl, worker, batch[1].task_id)
@@ -171,7 +145,7 @@ def test_started_and_finished_second_task_first_two_lost():
 
 def test_started_second_finished_first_first_lost_second_running():
     tbl = table()
-    worker, _ = tbl.born(1, 55, None, None)
+    worker = tbl.born(1, 55, None, None)
     batch = send(worker, items(4))
     start_mark(tbl, worker, batch[1].task_id)
     finish_mark(tbl, worker, batch[0].task_id)
@@ -183,7 +157,7 @@ def test_started_second_finished_first_first_lost_second_running():
 
 def test_started_first_still_running():
     tbl = table()
-    worker, _ = tbl.born(0, 55, None, None)
+    worker = tbl.born(0, 55, None, None)
     batch = send(worker, items(3))
     start_mark(tbl, worker, batch[0].task_id)
     gone = tbl.remove(worker, 9)
@@ -193,7 +167,7 @@ def test_started_first_still_running():
 
 def test_started_mark_of_an_answered_task_leaves_the_rest_unstarted():
     tbl = table()
-    worker, _ = tbl.born(0, 55, None, None)
+    worker = tbl.born(0, 55, None, None)
     batch = send(worker, items(4))
     start_mark(tbl, worker, batch[1].task_id)
     finish_mark(tbl, worker, batch[1].task_id)
@@ -206,8 +180,8 @@ def test_started_mark_of_an_answered_task_leaves_the_rest_unstarted():
 
 def test_marks_of_another_slot_are_not_read():
     tbl = table()
-    one, _ = tbl.born(0, 55, None, None)
-    two, _ = tbl.born(1, 56, None, None)
+    one = tbl.born(0, 55, None, None)
+    two = tbl.born(1, 56, None, None)
     batch = send(one, items(2))
     start_mark(tbl, two, batch[0].task_id)
     finish_mark(tbl, two, batch[0].task_id)
@@ -218,11 +192,11 @@ def test_marks_of_another_slot_are_not_read():
 
 def test_a_reborn_slot_forgets_its_previous_workers_marks():
     tbl = table()
-    old, _ = tbl.born(0, 55, None, None)
+    old = tbl.born(0, 55, None, None)
     batch = send(old, items(2))
     start_mark(tbl, old, batch[0].task_id)
     tbl.remove(old, 9)
-    new, _ = tbl.born(0, 56, None, None)
+    new = tbl.born(0, 56, None, None)
     send(new, batch)   # given back and sent again to the slot's new worker
     gone = tbl.remove(new, 9)
     assert gone.running is None and gone.lost == []
@@ -261,7 +235,7 @@ def test_remove_sorts_tasks_as_they_really_ended(run, slot, stale):
     the rest unstarted; then it died. The table must tell exactly which tasks
     finished unreported, which one was running, and which never started."""
     tbl = WorkerTable(3, list(stale))
-    worker, _ = tbl.born(slot, 1000 + slot, None, None)
+    worker = tbl.born(slot, 1000 + slot, None, None)
     sent = []
     for size in run.batches:
         sent += send(worker, items(size))

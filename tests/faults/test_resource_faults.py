@@ -23,7 +23,7 @@ CLEAR_FORK_ERROR = re.compile(r"(fork|start).*(process|thread)|(process|thread).
 POOL_OUTCOME = """
     import json, os, resource, sys, time
     from forkexec import ForkExchangeExecutor
-    from faults.tasks import descendants, live_workers, square
+    from faults.tasks import descendants, live_workers, square, square_slowly
 
     def settle(ex, workers):
         deadline = time.monotonic() + 10
@@ -41,7 +41,9 @@ POOL_OUTCOME = """
             return outcome
         held = before_start()
         try:
-            futures = [ex.submit(square, i) for i in range(workers)]
+            # Tasks that last long enough for each to need a worker of its own (a pool
+            # forks a worker only for work no idle worker can take).
+            futures = [ex.submit(square_slowly, i, 0.2) for i in range(workers)]
             outcome["results"] = [f.result(timeout=30) for f in futures]
             outcome["alive"] = settle(ex, workers)
         except Exception as exc:
@@ -111,7 +113,8 @@ FORK_FAILS_AT_START = POOL_OUTCOME + AS_NOBODY + """
 FORK_FAILS_FOR_A_REPLACEMENT = POOL_OUTCOME + AS_NOBODY + """
     import signal
     ex = ForkExchangeExecutor(2, on_worker_death="replace")
-    assert [f.result(timeout=30) for f in [ex.submit(square, i) for i in range(4)]] == [0, 1, 4, 9]
+    futures = [ex.submit(square_slowly, i, 0.2) for i in range(4)]
+    assert [f.result(timeout=30) for f in futures] == [0, 1, 4, 9]
     assert settle(ex, 2) == 2
     template = [pid for pid in descendants() if pid not in live_workers()]
     resource.prlimit(template[0], resource.RLIMIT_NPROC, (1, 1))   # it can fork no more
