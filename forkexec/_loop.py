@@ -167,7 +167,7 @@ class ExchangeLoop:
                 cancel([item for item in batch if getattr(item.future, ABANDONED, False)])
                 batch = [item for item in batch if not getattr(item.future, ABANDONED, False)]
             if batch:
-                self.send_batch(worker, batch, give_back_after if len(batch) > 1 else None)
+                self.send_batch(worker, batch, give_back_after)
             self.in_hand = []
 
     def send_batch(self, worker, batch, give_back_after):

@@ -78,8 +78,8 @@ class Status:
 
 
 #: tasks: [(task_id, Kind, blob)]; give_back_after: seconds after which the worker returns
-#: the tasks of this batch it has not started (None: never), so a batch whose estimate was
-#: wrong never holds work another worker could run.
+#: the tasks of this batch it has not started, and the batches queued behind it (None:
+#: never), so a batch whose estimate was wrong never holds work another worker could run.
 Batch = collections.namedtuple("Batch", "tasks give_back_after")
 #: batch_done: the worker is done with the oldest batch it was sent; entries: finished
 #: tasks; returned: ids of tasks it gives back unstarted.

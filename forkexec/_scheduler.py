@@ -27,7 +27,7 @@ MAX_BATCH_BYTES = 1 << 22
 #: queued behind its first, so it never waits for the parent between batches.
 PIPELINE_BELOW = 0.002
 #: A worker gives back the unstarted rest of a batch that has run this many times its
-#: estimate, and at least GIVE_BACK_MIN seconds.
+#: estimate, and at least GIVE_BACK_MIN seconds, and the batches queued behind it.
 GIVE_BACK_FACTOR = 4
 GIVE_BACK_MIN = 0.02
 #: A measurement this many times the estimate replaces it instead of being averaged in.
@@ -167,7 +167,7 @@ class Scheduler:
                 break
             seconds += estimate
         give_back_after = None
-        if len(taken) > 1:
+        if taken and taken[-1].estimate is not None:   # known cost: it may run late
             give_back_after = max(GIVE_BACK_MIN, GIVE_BACK_FACTOR * seconds)
         return taken, give_back_after
 

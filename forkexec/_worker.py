@@ -13,11 +13,14 @@ worker exits, so nothing a task started outlives its worker unless it asked to
 (a new session). See :mod:`forkexec._protocol` for the messages.
 """
 
+import atexit
 import os
 import pickle
 import signal
 import time
 import traceback
+
+from multiprocessing import util as mp_util
 
 from . import _fork
 from ._protocol import InitFailed, Kind, Results, Status, WorkerError
@@ -205,9 +208,15 @@ def worker_main(sock, slot, serial, config, marks, parent_sentinel, template_pid
             name="ForkExchangeWorker-%d" % serial)
         process._parent_pid = config.parent_pid
         process._parent_name = config.parent_name
+        # As multiprocessing's own fork start does: the worker's exit runs its finalizers
+        # (from Python 3.13 _bootstrap leaves that to atexit) and its own atexit handlers.
+        atexit.register(mp_util._exit_function)
         code = process._bootstrap(parent_sentinel=parent_sentinel)
     finally:
-        _fork.exit_child(code)
+        try:
+            atexit._run_exitfuncs()
+        finally:
+            _fork.exit_child(code)
 
 
 def _run(sock, slot, config, marks):
@@ -264,6 +273,8 @@ def _serve(channel, slot, max_tasks, marks):
         if results is not None:
             _fork.flush_stdio()
             channel.send(Results(True, results, ()))
+            if give_back_after is not None and clock() - begin > give_back_after:
+                _give_back_queued(channel)   # what was queued behind it expected us sooner
 
 
 def _give_back_queued(channel):
