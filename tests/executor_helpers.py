@@ -509,3 +509,45 @@ def reap_orphaned_helpers(timeout=10.0):
     wait_until(lambda: all(state == "Z" for state in descendants().values()), timeout,
                "the script's processes to exit")
     reap_orphans()
+
+
+# -- tasks of test_executor_regressions ---------------------------------------------------
+def sigint_is_default(_=None):
+    """True if SIGINT in this process raises KeyboardInterrupt, as in a stdlib worker."""
+    import signal
+    return signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def interrupt_a_child(limit):
+    """Start ``python -c "time.sleep(10)"``, send it SIGINT at once; return the seconds it
+    took to end, or None if it was still alive after ``limit`` seconds (then killed)."""
+    import signal
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(10)"],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    start = time.monotonic()
+    child.send_signal(signal.SIGINT)
+    try:
+        child.wait(timeout=limit)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+        return None
+    return time.monotonic() - start
+
+
+def fd_targets(_=None):
+    """What every open descriptor of this process points to (``/proc/self/fd``)."""
+    targets = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            targets.append(os.readlink("/proc/self/fd/" + name))
+        except OSError:   # the listing's own descriptor, closed by now
+            pass
+    return targets
+
+
+def sleep_and_pid(seconds, value):
+    """Sleep; return ``(value, pid)``."""
+    time.sleep(seconds)
+    return value, os.getpid()
