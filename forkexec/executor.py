@@ -178,14 +178,14 @@ class ForkExchangeExecutor(Executor):
                     self._initializer, self._initargs, self._max_tasks_per_child,
                     self._process_class, os.getpid(),
                     multiprocessing.current_process().name))
-            except OSError as exc:   # no descriptor or process left
-                shared.starting = False
+            except OSError as exc:   # no descriptor or process left: a later submit may retry
+                shared.starting = shared.closed = False
                 if "ForkExchangeExecutor" in str(exc):
                     raise
                 raise OSError(exc.errno, "ForkExchangeExecutor could not start: %s"
                               % describe_errno(exc.errno or errno.EMFILE)) from exc
             except BaseException:
-                shared.starting = False
+                shared.starting = shared.closed = False
                 raise
             thread = threading.Thread(target=loop.run, name="forkexec-exchange", daemon=True)
             try:

@@ -212,6 +212,8 @@ def test_a_start_failure_after_the_template_started_releases_everything(monkeypa
         assert refused == [True]
         nothing_left_of_an_abandoned_start(templates)   # no template, worker or zombie
         assert new_fds(fds_before) == {}
+        # Once descriptors are available again, the same executor starts and works.
+        assert ex.submit(h.square, 4).result(timeout=30) == 16
     finally:
         ex.shutdown(wait=True)
     assert new_fds(fds_before) == {}
