@@ -129,6 +129,11 @@ class ColdStartNumpy(ColdStart):
         return ("cold start of a program's first pool, numpy loaded and its BLAS threads "
                 "running (own interpreter, %d workers)" % workers)
 
+    def peers(self, peers):
+        # Fork-based pools only: spawn, forkserver, loky and mpire leave helper processes
+        # (resource trackers, servers) that outlive each short-lived interpreter.
+        return [peer for peer in peers if peer.name in ("forkexec", REFERENCE, "mp-pool", FLOOR)]
+
     def setup(self, p):
         import numpy  # noqa: F401 - skipped with a note when numpy is missing
 

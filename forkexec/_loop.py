@@ -148,7 +148,8 @@ class ExchangeLoop:
         shared = self.shared
         if shared.broken is not None:
             return True
-        return shared.shutdown and not shared.pending and not any(w.tasks for w in self.table)
+        return shared.shutdown and not shared.pending and \
+            not any(w.tasks for w in self.table.workers.values())
 
     def can_act(self):
         """Queued work can be sent, or a worker started for it, right now."""
@@ -241,6 +242,8 @@ class ExchangeLoop:
         """Fork workers on demand: one per queued task without an idle worker to take it,
         up to max_workers (one task forks one worker, like the standard executor)."""
         table = self.table
+        if table.live() >= self.nworkers:
+            return
         wanted = self.scheduler.workers_wanted(len(self.shared.pending), table.idle(),
                                                table.live(), self.nworkers)
         for slot in table.free_slots()[:wanted]:
