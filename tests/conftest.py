@@ -50,6 +50,17 @@ def _stat(pid):
     return int(fields[1]), fields[0].decode()
 
 
+def state_of(pid):
+    """The /proc state letter of ``pid`` ("R", "S", "Z"...), or None if it is gone."""
+    info = _stat(pid)
+    return None if info is None else info[1]
+
+
+def parent_of(pid):
+    """The parent pid of ``pid`` (which must exist)."""
+    return _stat(pid)[0]
+
+
 def mp_helper_pids():
     """Pids of multiprocessing's long-lived helpers (resource tracker, forkserver) that
     this process started, whichever is running now (multiprocessing restarts a dead one)."""

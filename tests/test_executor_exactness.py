@@ -31,7 +31,7 @@ from concurrent.futures.process import BrokenProcessPool
 import pytest
 
 import executor_helpers as h
-from conftest import descendants, kill_all, open_fds, reap_orphans
+from conftest import descendants, kill_all, open_fds, reap_orphans, state_of
 from forkexec import ForkExchangeExecutor, WorkerDiedError
 
 pytestmark = pytest.mark.timeout(90)
@@ -66,16 +66,6 @@ def make(gate):
 
 def open_gate(path):
     open(path, "w").close()
-
-
-def state_of(pid):
-    """The /proc state letter of ``pid``, or None if it is gone."""
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return data[data.rindex(b")") + 2:][:1].decode()
 
 
 def running(pid):

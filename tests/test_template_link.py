@@ -25,7 +25,7 @@ import time
 import pytest
 
 import executor_helpers as h
-from conftest import descendants, reap_orphans
+from conftest import descendants, parent_of, reap_orphans, state_of
 from forkexec import Channel, ChannelBroken
 from forkexec._calls import call_blob
 from forkexec._protocol import NO_TASK, Batch, Control, Kind, Results, Status
@@ -41,22 +41,6 @@ METHODS = ["fork", "spawn", "forkserver"]
 PROMPTLY = 5.0
 #: A worker gets SIGKILL from the kernel the moment its template dies (PR_SET_PDEATHSIG).
 DIES_WITH_TEMPLATE = 3.0
-
-
-def state_of(pid):
-    """The /proc state letter of ``pid``, or None if it is gone."""
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return data[data.rindex(b")") + 2:][:1].decode()
-
-
-def parent_of(pid):
-    with open("/proc/%d/stat" % pid, "rb") as f:
-        data = f.read()
-    return int(data[data.rindex(b")") + 2:].split()[1])
 
 
 def running(pid):
