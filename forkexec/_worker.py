@@ -178,7 +178,7 @@ class WorkerConfig:
     """What a worker needs from the executor; reaches the template by fork or by pickle.
 
     ``process_class`` is the ``multiprocessing`` Process class of the pool's start
-    method; ``parent_sentinel`` a descriptor that reaches EOF when the program exits.
+    method; ``parent_pid`` and ``parent_name`` say who ``parent_process()`` is.
     """
 
     def __init__(self, initializer, initargs, max_tasks, process_class, parent_pid,
@@ -192,7 +192,8 @@ class WorkerConfig:
 
 
 def worker_main(sock, slot, serial, config, marks, parent_sentinel, template_pid):
-    """Body of a worker process, forked by the template; never returns."""
+    """Body of a worker process, forked by the template; never returns. ``parent_sentinel``
+    is a descriptor that reaches EOF when the program exits."""
     code = 1
     try:
         die_with_parent(template_pid)
