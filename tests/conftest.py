@@ -187,3 +187,20 @@ def no_leftovers(request):
         problems.append("file descriptors left open: %r" % fds)
     if problems:
         pytest.fail("; ".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def executors():
+    """executors(kind, *args, **kwargs) -> a new executor (kinds as in
+    ``executor_helpers.executor_of``); every one is shut down after the test."""
+    import executor_helpers
+    created = []
+
+    def factory(kind, *args, **kwargs):
+        ex = executor_helpers.executor_of(kind, *args, **kwargs)
+        created.append(ex)
+        return ex
+
+    yield factory
+    for ex in created:
+        ex.shutdown(wait=True, cancel_futures=True)

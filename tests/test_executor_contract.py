@@ -37,19 +37,13 @@ def kind(request):
 
 
 @pytest.fixture
-def make(kind):
+def make(kind, executors):
     """make(*args, **kwargs) -> an executor of this kind, shut down after the test."""
-    created = []
-
     def factory(*args, **kwargs):
-        ex = h.executor_of(kind, *args, **kwargs)
-        created.append(ex)
-        return ex
+        return executors(kind, *args, **kwargs)
 
     factory.kind = kind
-    yield factory
-    for ex in created:
-        ex.shutdown(wait=True, cancel_futures=True)
+    return factory
 
 
 @pytest.fixture

@@ -48,20 +48,11 @@ def gate(tmp_path):
 
 
 @pytest.fixture
-def make(gate):
-    """make(kind, *args, **kwargs) -> an executor; the gate is opened and every executor
-    shut down after the test."""
-    created = []
-
-    def factory(kind, *args, **kwargs):
-        ex = h.new_executor(kind, *args, **kwargs)
-        created.append(ex)
-        return ex
-
-    yield factory
+def make(gate, executors):
+    """make(kind, *args, **kwargs) -> an executor; the gate is opened before every
+    executor is shut down after the test."""
+    yield executors
     open_gate(gate)
-    for ex in created:
-        ex.shutdown(wait=True, cancel_futures=True)
 
 
 def open_gate(path):

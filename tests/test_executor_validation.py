@@ -28,17 +28,8 @@ AFTER_SHUTDOWN = "cannot schedule new futures after shutdown"
 
 
 @pytest.fixture
-def make():
-    created = []
-
-    def factory(kind, *args, **kwargs):
-        ex = h.new_executor(kind, *args, **kwargs)
-        created.append(ex)
-        return ex
-
-    yield factory
-    for ex in created:
-        ex.shutdown(wait=True, cancel_futures=True)
+def make(executors):
+    return executors
 
 
 def check(kind, expected, call, names):

@@ -34,18 +34,13 @@ def kind(request):
 
 
 @pytest.fixture
-def make(kind):
-    created = []
-
+def make(kind, executors):
+    """make(*args, **kwargs) -> an executor of this kind, shut down after the test."""
     def factory(*args, **kwargs):
-        ex = h.new_executor(kind, *args, **kwargs)
-        created.append(ex)
-        return ex
+        return executors(kind, *args, **kwargs)
 
     factory.kind = kind
-    yield factory
-    for ex in created:
-        ex.shutdown(wait=True, cancel_futures=True)
+    return factory
 
 
 def run_json(script, **values):

@@ -31,17 +31,8 @@ FRESH = ["spawn", "forkserver"]     # the template starts as a fresh interpreter
 
 
 @pytest.fixture
-def make():
-    created = []
-
-    def factory(kind, *args, **kwargs):
-        ex = h.executor_of(kind, *args, **kwargs)
-        created.append(ex)
-        return ex
-
-    yield factory
-    for ex in created:
-        ex.shutdown(wait=True, cancel_futures=True)
+def make(executors):
+    return executors
 
 
 def run_fresh(script, **values):
