@@ -119,12 +119,7 @@ class TemplateLink:
 
     def _after_fork_in_child(self):
         # A child forked from the program must not keep the pool's descriptors.
-        if self.sentinel_w >= 0:
-            os.close(self.sentinel_w)
-            self.sentinel_w = -1
-        if self.control is not None:
-            self.control.close()
-        self._release_marks()
+        self._close_descriptors()
 
     # -- talking -----------------------------------------------------------------------
     def fileno(self):
@@ -243,16 +238,16 @@ class TemplateLink:
 
     def _release(self):
         _fork.disown(self)
+        self._close_descriptors()
+        if self.process is not None:
+            self.process.close()
+
+    def _close_descriptors(self):
         if self.control is not None:
             self.control.close()
         if self.sentinel_w >= 0:
             os.close(self.sentinel_w)
             self.sentinel_w = -1
-        if self.process is not None:
-            self.process.close()
-        self._release_marks()
-
-    def _release_marks(self):
         if self.marks is not None:
             self.marks.release()
             self.marks = None
