@@ -38,6 +38,10 @@ _STANDARD_FIELDS = {"_condition", "_done_callbacks", "_exception", "_result", "_
 class FastFuture(Future):
     """A ``Future`` whose condition variable is created on first need."""
 
+    #: ``(loop, worker)`` when a caller handed this future's task to an idle worker: a
+    #: waiting ``result()`` may then read the worker's reply itself (_caller_shortcuts).
+    _helper = None
+
     def __init__(self):  # noqa: super().__init__ would build the condition we avoid
         self._state = PENDING
         self._result = None
@@ -47,6 +51,8 @@ class FastFuture(Future):
 
     @property
     def _condition(self):
+        if self._helper is not None:   # someone else will wait or be told: not result()
+            self._release_helper()
         cond = self.__dict__.get("_cond")
         if cond is None:
             with transition_lock:   # so finish() sees either no condition or this one
@@ -56,17 +62,39 @@ class FastFuture(Future):
         return cond
 
     def done(self):
+        if self._helper is not None:   # polled for: the exchange thread must read the reply
+            self._release_helper()
         return self._state in (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
 
     def result(self, timeout=None):
         if self._state == FINISHED and self._exception is None:
             return self._result
+        if self._helper is not None:
+            timeout = self._help(timeout)
         return super().result(timeout)
 
     def exception(self, timeout=None):
         if self._state == FINISHED:
             return self._exception
+        if self._helper is not None:
+            timeout = self._help(timeout)
         return super().exception(timeout)
+
+    def _help(self, timeout):
+        """Read the reply of our worker in this thread for a moment; returns what is left
+        of ``timeout``."""
+        loop, worker = self._helper
+        self._helper = None   # once: past its moment the exchange thread reads as usual
+        from ._caller_shortcuts import helped_wait
+        spent = helped_wait(loop, worker, self, timeout)
+        return None if timeout is None else max(0.0, timeout - spent)
+
+    def _release_helper(self):
+        """Nobody will read the lent worker's reply here: the exchange thread, woken,
+        takes the worker back."""
+        helper, self._helper = self._helper, None
+        if helper is not None:
+            helper[0].shared.wake()
 
     def cancel(self):
         with transition_lock:

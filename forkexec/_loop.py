@@ -9,16 +9,19 @@ batches, reading results, and carrying out the callers' requests.
 """
 
 import errno
+import functools
 import logging
 import pickle
 import signal
 import socket
+import threading
 import traceback
 from concurrent.futures.process import BrokenProcessPool
 
 from . import _fork
-from ._completion import (ABANDONED, cancel, fail, requeue, set_exception, settle_results,
+from ._completion import (ABANDONED, FAST, cancel, fail, requeue, set_exception, settle_results,
                           start_running)
+from ._caller_shortcuts import hand_off, reclaim, reclaim_all
 from ._death_policy import DeathPolicy
 from ._protocol import Batch, Control, InitFailed, Results, WorkerError
 from ._scheduler import CostModel, Scheduler
@@ -53,6 +56,8 @@ class ExchangeLoop:
         self.scheduler = Scheduler(CostModel(shared.costs))
         self.policy = DeathPolicy(policy)
         self.in_hand = []          # items off the queue, not yet recorded with a worker
+        self.lent = set()          # workers lent to a caller's future (_caller_shortcuts)
+        self.thread_ident = None
 
     # -- set-up and tear-down ---------------------------------------------------------
     def start(self, config):
@@ -71,6 +76,7 @@ class ExchangeLoop:
             for slot in range(self.link.prefork):
                 self.table.start_requested(slot)
             self.shared.wakeup = WakeUp()
+            self.shared.hand_off = functools.partial(hand_off, self)
             self.poller.register(self.shared.wakeup.r, Poller.READ, "wake")
             self.poller.register(self.link.fileno(), Poller.READ, "control")
         except BaseException:
@@ -81,19 +87,29 @@ class ExchangeLoop:
         self.poller.close()
 
     def run(self):
+        # Everything but the poll runs under loop_lock, so that while this thread sleeps
+        # a caller holding the lock may act for it (see _caller_shortcuts).
+        self.thread_ident = threading.get_ident()
+        lock = self.shared.loop_lock
+        lock.acquire()
         try:
-            self.loop()
-        except BaseException as exc:  # noqa: B902 - never leave futures hanging
-            traceback.print_exc()
-            self.break_pool(BrokenProcessPool(
-                "internal error in the forkexec exchange thread: %r" % (exc,)))
+            try:
+                self.loop(lock)
+            except BaseException as exc:  # noqa: B902 - never leave futures hanging
+                traceback.print_exc()
+                self.break_pool(BrokenProcessPool(
+                    "internal error in the forkexec exchange thread: %r" % (exc,)))
+            finally:
+                self.shared.sleeping = False
+                self.cleanup(abandon=False)
         finally:
-            self.cleanup(abandon=False)
+            lock.release()
             _fork.thread_ending()
 
     def cleanup(self, abandon):
         """The one close path, for shutdown and for a thread that never started."""
         shared = self.shared
+        shared.hand_off = None
         for worker in self.table or ():
             self.poller.unregister(worker.channel.fileno())   # its fd number may be reused
             worker.channel.close()
@@ -115,10 +131,12 @@ class ExchangeLoop:
             cancel(items)
 
     # -- the loop ----------------------------------------------------------------------
-    def loop(self):
+    def loop(self, lock):
         shared = self.shared
         poller = self.poller
         while True:
+            if self.lent:
+                reclaim_all(self)
             if shared.kill_signal is not None:
                 self.kill_workers()
             if shared.cancel_requested:
@@ -134,7 +152,11 @@ class ExchangeLoop:
                 (shared.pending and self.can_act()) else None
             if self.link.backlog and not self.link.flush():
                 timeout = 0.001 if timeout is None else timeout   # until the socket drains
-            events = poller.wait(timeout)
+            lock.release()
+            try:
+                events = poller.wait(timeout)
+            finally:
+                lock.acquire()
             shared.sleeping = False
             for data, mask in events:
                 if data == "wake":
@@ -158,8 +180,10 @@ class ExchangeLoop:
             len(self.shared.pending), table.idle(), table.live(), self.nworkers) > 0
 
     # -- sending work ------------------------------------------------------------------
-    def dispatch(self):
-        """Hand queued items to the workers that accept them, as the scheduler plans."""
+    def dispatch(self, lend=None):
+        """Hand queued items to the workers that accept them, as the scheduler plans.
+        ``lend(loop, worker, item)`` is called before a lone item goes to an idle worker
+        (a caller's hand-off: _caller_shortcuts)."""
         for worker, taken, give_back_after in self.scheduler.plan(
                 self.table, self.shared.pending, len(self.table.starting)):
             self.in_hand = taken   # so an internal error still fails them
@@ -168,6 +192,8 @@ class ExchangeLoop:
                 cancel([item for item in batch if getattr(item.future, ABANDONED, False)])
                 batch = [item for item in batch if not getattr(item.future, ABANDONED, False)]
             if batch:
+                if lend is not None and len(batch) == 1 and not worker.tasks and FAST:
+                    lend(self, worker, batch[0])
                 self.send_batch(worker, batch, give_back_after)
             self.in_hand = []
 
@@ -183,12 +209,15 @@ class ExchangeLoop:
             return   # it died: its EXITED record will come
         if not done and not worker.writing:
             worker.writing = True
-            self.poller.modify(channel.fileno(), Poller.READ | Poller.WRITE, worker)
+            if worker.watched:   # lent to a caller: a big task is better left to us
+                reclaim(self, worker)
+            else:
+                self.poller.modify(channel.fileno(), Poller.READ | Poller.WRITE, worker)
 
     # -- receiving ---------------------------------------------------------------------
     def on_worker_event(self, worker, mask):
         channel = worker.channel
-        if channel.closed:
+        if channel.closed or worker.watched:   # a stale event: lent to a caller meanwhile
             return
         if mask & Poller.WRITE:
             try:

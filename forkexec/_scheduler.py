@@ -96,7 +96,7 @@ SentBatch = collections.namedtuple("SentBatch", "sent_at estimate")
 class WorkerLoad:
     """What the scheduler knows of one worker's work."""
 
-    __slots__ = ("tasks", "batches", "expected", "unknown", "budget", "retiring")
+    __slots__ = ("tasks", "batches", "expected", "unknown", "budget", "retiring", "watched")
 
     def __init__(self, budget=None):
         self.tasks = {}                        # task_id -> item, in the order sent
@@ -105,6 +105,7 @@ class WorkerLoad:
         self.unknown = 0                       # outstanding tasks of unknown cost
         self.budget = budget                   # tasks left before it retires, or None
         self.retiring = False                  # it will exit (its budget is spent)
+        self.watched = None                    # lent to a caller thread (_caller_shortcuts)
 
 
 class Scheduler:
@@ -115,7 +116,8 @@ class Scheduler:
     def accepts(self, worker):
         """An idle worker takes work; a busy one only a second batch behind short known
         work that is on time, so it never sits on a backlog another worker could run."""
-        if worker.retiring or (worker.budget is not None and worker.budget <= 0):
+        if worker.retiring or worker.watched or (worker.budget is not None and
+                                                 worker.budget <= 0):
             return False
         if not worker.tasks:
             return True

@@ -82,6 +82,10 @@ class Shared:
         self.pending = collections.deque()
         self.wakeup = None          # WakeUp, while the exchange thread runs
         self.sleeping = False       # the thread is (about to be) blocked in poll
+        # Held by the exchange thread except while it polls; a caller holding it may act
+        # for the sleeping thread through hand_off (the loop's).
+        self.loop_lock = threading.Lock()
+        self.hand_off = None
         self.shutdown = False       # no new work; finish what is queued and stop
         self.cancel_requested = False   # cancel everything queued (shutdown(cancel_futures))
         self.kill_signal = None     # terminate_workers/kill_workers/Ctrl-C: signal to send
@@ -103,6 +107,7 @@ class Shared:
             # in a server that preloads its app and then forks).
             self.owner_pid = os.getpid()
             self.start_lock = threading.Lock()
+            self.loop_lock = threading.Lock()
             self.costs = {}
             return True   # stays owned in the child
         self.foreign = True

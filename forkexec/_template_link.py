@@ -206,7 +206,9 @@ class TemplateLink:
             while self.exit_status(block=False) is None:
                 self.flush()
                 for record in self.records():
-                    if record is not None and record.fd is not None:
+                    if record is None:   # EOF: the socket stays readable; wait for the exit
+                        poller.unregister(self.control)
+                    elif record.fd is not None:
                         os.close(record.fd)
                 if time.monotonic() > deadline:
                     self.kill()   # its workers die with it

@@ -16,7 +16,7 @@ from ._scheduler import WorkerLoad
 class Worker(WorkerLoad):
     """One live worker, seen from the exchange thread."""
 
-    __slots__ = ("slot", "pid", "channel", "writing", "error")
+    __slots__ = ("slot", "pid", "channel", "writing", "error", "lent_to")
 
     def __init__(self, slot, pid, channel, budget):
         super().__init__(budget)
@@ -25,6 +25,7 @@ class Worker(WorkerLoad):
         self.channel = channel
         self.writing = False     # registered for EVENT_WRITE
         self.error = None        # traceback text of an internal error it reported
+        self.lent_to = None      # the future whose caller may read its reply (watched)
 
 
 #: status: raw wait status; running: the item it was running, or None; lost: items that

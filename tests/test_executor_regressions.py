@@ -298,7 +298,9 @@ def test_a_submit_racing_the_loops_sleep_still_gets_a_worker():
     transition lock, which the exchange thread takes to move the first future to RUNNING in
     the middle of dispatching it: the second submit (which needs no lock) lands exactly in
     the window. Before the fix the thread then slept with the second task queued and no
-    worker asked for it, until the first task's result woke it 0.25 s later."""
+    worker asked for it, until the first task's result woke it 0.25 s later. (The caller's
+    own hand-off to an idle worker is turned off: this is about the exchange thread's
+    dispatch, and the hand-off would take the held transition lock in this thread.)"""
     from forkexec import _completion, _future
     if not _completion.FAST:   # every CPython 3.9-3.13 has them
         pytest.skip("this Python's Future lacks what FastFuture needs: no transition lock")
@@ -306,6 +308,7 @@ def test_a_submit_racing_the_loops_sleep_still_gets_a_worker():
         ex = ForkExchangeExecutor(2)
         try:
             assert ex.submit(h.identity, 0).result(timeout=30) == 0   # one worker, idle
+            ex._shared.hand_off = None
             with _future.transition_lock:
                 slow = ex.submit(h.sleep_and_return, 0.25, "slow")
                 time.sleep(0.05)   # the exchange thread is now blocked in its dispatch

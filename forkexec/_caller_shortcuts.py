@@ -1,0 +1,116 @@
+"""Two shortcuts a caller thread takes for the sleeping exchange thread.
+
+A round trip (``submit(f).result()`` on an idle pool) would otherwise wake the
+exchange thread twice, once to send the task and once to read its reply, and
+each wake-up is a thread switch costing as much as the work. While the exchange
+thread sleeps in poll it holds no state, so a caller holding ``loop_lock`` may
+act for it:
+
+* :func:`hand_off`: ``submit`` sends the queue to an idle worker itself. When
+  that is a single task, the worker is *lent* to the task's future: its
+  descriptor leaves the exchange thread's poll set first, so the reply wakes
+  nobody.
+* :func:`helped_wait`: ``result()``/``exception()`` on that future read the
+  lent worker's reply in the calling thread, for at most ``HELP_SECONDS``.
+
+A lent worker goes back to the exchange thread (:func:`reclaim`) when the reader
+is done, when anything else could wait on the future (a condition, a callback,
+``done()``: :meth:`FastFuture._release_helper` wakes the exchange thread), and
+whenever the exchange thread wakes for any reason, so a reply nobody reads is
+never stranded. Deaths, control records and every other worker stay with the
+exchange thread, which never waits for a caller while holding the lock.
+"""
+
+import threading
+import time
+from concurrent.futures.process import BrokenProcessPool
+
+from .channel import _wait_readable
+from .exchange import Poller
+
+#: How long a caller reads its worker's reply itself before leaving it to the exchange
+#: thread: longer tasks gain nothing from the shortcut.
+HELP_SECONDS = 0.005
+LENT, READING = 1, 2   # Worker.watched: lent to a future; its caller is reading it now
+
+
+def hand_off(loop):
+    """Called with ``loop_lock`` held: send queued work to an idle worker now. True when
+    nothing is left that needs the exchange thread awake; False: wake it."""
+    shared = loop.shared
+    if not shared.sleeping or shared.broken is not None or shared.shutdown or \
+            shared.kill_signal is not None or shared.cancel_requested:
+        return False
+    if not any(not w.tasks and loop.scheduler.accepts(w) for w in loop.table):
+        return False
+    try:
+        loop.dispatch(lend=_lend)
+    except BaseException as exc:  # noqa: B902 - even a Ctrl-C: no item may be lost
+        loop.break_pool(BrokenProcessPool(
+            "internal error or interruption while handing work to a worker: %r" % (exc,)))
+        raise
+    return not shared.pending and not any(w.writing for w in loop.table)
+
+
+def _lend(loop, worker, item):
+    """Before ``item`` (alone in its batch) is sent to the idle ``worker``."""
+    loop.poller.unregister(worker.channel.fileno())
+    worker.watched = LENT
+    worker.lent_to = item.future
+    loop.lent.add(worker)
+    item.future._helper = (loop, worker)
+
+
+def reclaim(loop, worker):
+    """The exchange thread watches ``worker`` again (``loop_lock`` held). A worker whose
+    channel ended is left out, as any: its exit report decides."""
+    worker.watched = None
+    worker.lent_to = None
+    loop.lent.discard(worker)
+    channel = worker.channel
+    if channel.closed or channel.at_eof or loop.shared.closed:
+        return
+    events = Poller.READ | (Poller.WRITE if worker.writing else 0)
+    loop.poller.register(channel.fileno(), events, worker)
+
+
+def reclaim_all(loop):
+    """Exchange thread, awake: take back every lent worker that no caller is reading."""
+    for worker in list(loop.lent):
+        if worker.watched == LENT:
+            reclaim(loop, worker)
+
+
+def helped_wait(loop, worker, future, timeout):
+    """Read the lent ``worker``'s reply for ``future`` in this thread, for at most
+    ``HELP_SECONDS`` (and ``timeout``). Returns the seconds spent."""
+    started = time.monotonic()
+    budget = HELP_SECONDS if timeout is None else min(HELP_SECONDS, timeout)
+    if loop.thread_ident == threading.get_ident():
+        return 0.0   # a done-callback waiting: the exchange thread cannot read for it
+    lock = loop.shared.loop_lock
+    with lock:   # the exchange thread holds it only briefly, never waiting for us
+        if worker.watched != LENT or worker.lent_to is not future:
+            return 0.0   # taken back meanwhile: the exchange thread reads the reply
+        if budget <= 0 or future.done():
+            reclaim(loop, worker)
+            return 0.0
+        worker.watched = READING
+        fd = worker.channel.fileno()
+    deadline = started + budget
+    while True:
+        readable = _wait_readable(fd, max(0.0, deadline - time.monotonic()))
+        with lock:
+            channel = worker.channel
+            if channel.closed or loop.shared.closed:   # it died and was closed meanwhile
+                reclaim(loop, worker)
+                break
+            if readable:
+                channel.read_nowait()
+                loop.take_messages(worker)
+            if future.done() or channel.at_eof or time.monotonic() >= deadline:
+                reclaim(loop, worker)
+                if loop.shared.pending and loop.shared.sleeping:
+                    loop.shared.wake()   # work the worker may take now
+                break
+    return time.monotonic() - started
