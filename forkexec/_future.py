@@ -71,6 +71,8 @@ class FastFuture(Future):
             return self._result
         if self._helper is not None:
             timeout = self._help(timeout)
+            if self._state == FINISHED and self._exception is None:
+                return self._result   # read by this thread: no condition needed
         return super().result(timeout)
 
     def exception(self, timeout=None):
