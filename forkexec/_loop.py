@@ -20,9 +20,11 @@ from . import _fork
 from ._completion import (ABANDONED, cancel, fail, requeue, set_exception, settle_results,
                           start_running)
 from ._death_policy import DeathPolicy
-from ._protocol import Batch, Control, InitFailed, Results, WorkerError
+from ._protocol import Batch, Control, InitFailed, Results, Retiring, WorkerError
 from ._scheduler import CostModel, Scheduler
 from ._shared import WakeUp
+from ._stats import PoolTimes
+from ._task_control import MEMORY, TaskControl
 from ._template_link import TemplateLink
 from ._worker_table import WorkerTable
 from .channel import Channel
@@ -43,7 +45,7 @@ def _wrap_blob(blob):
 class ExchangeLoop:
     """The exchange thread's world. Nothing outside this thread touches these objects."""
 
-    def __init__(self, shared, nworkers, policy, max_tasks, context):
+    def __init__(self, shared, nworkers, policy, max_tasks, context, idle_timeout=None):
         self.shared = shared
         self.nworkers = nworkers
         self.max_tasks = max_tasks
@@ -53,6 +55,9 @@ class ExchangeLoop:
         self.scheduler = Scheduler(CostModel(shared.costs))
         self.policy = DeathPolicy(policy)
         self.in_hand = []          # items off the queue, not yet recorded with a worker
+        self.idle_timeout = idle_timeout
+        self.control = None        # TaskControl: timeouts, kill_task, idle workers
+        self.times = shared.times = PoolTimes()
 
     # -- set-up and tear-down ---------------------------------------------------------
     def start(self, config):
@@ -68,8 +73,11 @@ class ExchangeLoop:
             raise
         try:
             self.table = WorkerTable(self.nworkers, self.link.marks)
+            self.control = TaskControl(self.shared, self.link, self.link.marks, self.nworkers,
+                                       self.idle_timeout)
             for slot in range(self.link.prefork):
                 self.table.start_requested(slot)
+                self.times.spawn_requested(slot)
             self.shared.wakeup = WakeUp()
             self.poller.register(self.shared.wakeup.r, Poller.READ, "wake")
             self.poller.register(self.link.fileno(), Poller.READ, "control")
@@ -101,6 +109,8 @@ class ExchangeLoop:
             self.poller.unregister(shared.wakeup.r)
         self.link.close(self.poller, abandon=abandon)
         shared.worker_pids.clear()   # the template reaped them all before it exited
+        if self.control is not None:
+            self.control.close()
         _fork.disown(self)
         self.poller.close()
         shared.closed = True
@@ -127,11 +137,12 @@ class ExchangeLoop:
             if shared.pending:
                 self.grow()
                 self.dispatch()
+            wake = self.control.check(self.table) if self.control.active() else None
             if self.finished():
                 return
             shared.sleeping = True   # from here on, callers wake us: look once more
             timeout = 0 if shared.kill_signal is not None or shared.cancel_requested or \
-                (shared.pending and self.can_act()) else None
+                shared.kill_requests or (shared.pending and self.can_act()) else wake
             if self.link.backlog and not self.link.flush():
                 timeout = 0.001 if timeout is None else timeout   # until the socket drains
             events = poller.wait(timeout)
@@ -175,8 +186,9 @@ class ExchangeLoop:
         self.scheduler.sent(worker, batch)
         self.shared.running += len(batch)
         channel = worker.channel
+        timed = batch[0].timeout is not None and self.control.sent(worker, batch)
         channel.queue(encode(Batch([(item.task_id, item.kind, _wrap_blob(item.blob))
-                                    for item in batch], give_back_after)))
+                                    for item in batch], give_back_after, timed)))
         try:
             done = channel.flush_nowait()
         except ChannelBroken:
@@ -217,6 +229,8 @@ class ExchangeLoop:
                     "usable" % (worker.pid, type(exc).__name__, exc))
                 err.__cause__ = exc
                 self.break_pool(err)
+            elif kind is Retiring:
+                self.control.retire(worker, MEMORY)
             elif kind is WorkerError:
                 worker.error = msg.traceback
                 _LOGGER.error("forkexec worker process %d failed:\n%s", worker.pid,
@@ -227,7 +241,9 @@ class ExchangeLoop:
         scheduler = self.scheduler
         if msg.entries:
             self.policy.results_arrived()
-            scheduler.costs.learn(settle_results(msg.entries, worker, scheduler, shared))
+            spent = settle_results(msg.entries, worker, scheduler, shared)
+            scheduler.costs.learn(spent)
+            self.times.tasks_done(spent)
         if msg.returned:
             returned = [scheduler.answered(worker, task_id) for task_id in msg.returned]
             returned = [item for item in returned if item is not None]
@@ -251,6 +267,7 @@ class ExchangeLoop:
 
     def spawn(self, slot):
         self.table.start_requested(slot)
+        self.times.spawn_requested(slot)
         self.link.spawn(slot)
 
     def on_control(self):
@@ -278,6 +295,7 @@ class ExchangeLoop:
             return
         channel = Channel(pid, socket.socket(fileno=fd), reapable=False)
         worker = self.table.born(slot, pid, channel, self.max_tasks)
+        self.times.worker_born(worker)
         self.shared.worker_pids.add(pid)
         self.poller.register(channel.fileno(), Poller.READ, worker)
 
@@ -297,11 +315,15 @@ class ExchangeLoop:
         worker.channel.close()
         gone = self.table.remove(worker, status)
         shared.worker_pids.discard(worker.pid)
+        self.times.worker_gone(worker)
         if shared.broken is not None:
             return
         shared.running -= len(worker.tasks)
         keep_size = not (shared.shutdown and not shared.pending) and shared.kill_signal is None
-        decision = self.policy.decide(gone, keep_size)
+        if worker.stop is not None:   # stopped on purpose: a timeout, kill_task, idle
+            decision = self.control.decide(gone, keep_size)
+        else:
+            decision = self.policy.decide(gone, keep_size)
         if decision.broken is not None:
             self.break_pool(decision.broken, also=list(worker.tasks.values()))
             return

@@ -16,7 +16,8 @@ from ._scheduler import WorkerLoad
 class Worker(WorkerLoad):
     """One live worker, seen from the exchange thread."""
 
-    __slots__ = ("slot", "pid", "channel", "writing", "error")
+    __slots__ = ("slot", "pid", "channel", "writing", "error", "stop", "idle_since",
+                 "idle_mark")
 
     def __init__(self, slot, pid, channel, budget):
         super().__init__(budget)
@@ -25,6 +26,9 @@ class Worker(WorkerLoad):
         self.channel = channel
         self.writing = False     # registered for EVENT_WRITE
         self.error = None        # traceback text of an internal error it reported
+        self.stop = None         # (reason, item) once stopped on purpose (_task_control)
+        self.idle_since = None   # when it was first seen idle (idle_timeout only)
+        self.idle_mark = None    # its finished mark then
 
 
 #: status: raw wait status; running: the item it was running, or None; lost: items that
