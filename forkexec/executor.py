@@ -306,10 +306,10 @@ class ForkExchangeExecutor(Executor):
         its standard meaning: it never stops a running task."""
         if not isinstance(future, Future):
             raise TypeError("kill_task() needs a Future of this executor, not %r" % (future,))
+        if future.done():   # cancelled already counts: this call changed nothing
+            return False
         if future.cancel():
             return True
-        if future.done():
-            return False
         shared = self._shared
         if shared.owner_pid != os.getpid() or shared.thread is None or shared.closed:
             return False
