@@ -99,8 +99,7 @@ def make_bar(total, desc, file):
         from tqdm import tqdm
     except ImportError:
         return PlainBar(total, desc, file)
-    return tqdm(total=total, desc=desc, file=file, disable=False, unit="item",
-                dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, file=file, disable=False, unit="item")
 
 
 def track(iterable, total=None, progress=True, desc=None):
