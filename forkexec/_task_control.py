@@ -24,25 +24,13 @@ import time
 from ._completion import ABANDONED, cancel
 from ._death_policy import Decision, describe
 from ._protocol import MARKS_PER_SLOT, RETIRE, started_at_index
-from .errors import TaskTimeout, WorkerDiedError, describe_status
+from .errors import TaskTimeout, WorkerDiedError, check_timeout, describe_status  # noqa: F401
 from .wire import encode
 
 #: How often to look at the marks while a watched task has not started yet (its start
 #: time, once seen, gives the exact deadline).
 POLL = 0.005
 TIMEOUT, KILLED, IDLE, MEMORY = "timeout", "kill_task", "idle", "memory"
-
-
-def check_timeout(value, what):
-    """``value`` as a positive number of seconds, or None; a clear error otherwise."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError("%s must be a number of seconds or None, not %r" % (what, value))
-    if not value > 0 or value == float("inf"):
-        raise ValueError("%s must be a positive, finite number of seconds or None, not %r"
-                         % (what, value))
-    return float(value)
 
 
 class KillRequest:

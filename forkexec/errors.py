@@ -83,6 +83,18 @@ class TaskTimeout(TimeoutError):
         return type(self), (str(self), self.function, self.timeout)
 
 
+def check_timeout(value, what):
+    """``value`` as a positive number of seconds, or None; a clear error otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError("%s must be a number of seconds or None, not %r" % (what, value))
+    if not value > 0 or value == float("inf"):
+        raise ValueError("%s must be a positive, finite number of seconds or None, not %r"
+                         % (what, value))
+    return float(value)
+
+
 def exitcode_from_status(status):
     """Turn a raw wait status into an exit code, or minus the signal number."""
     if status is None:

@@ -52,12 +52,12 @@ from ._map_chunks import auto_chunksize, chunked, submit_chunk
 from ._map_results import map_results
 from ._protocol import Kind
 from ._shared import Shared, WorkItem
-from ._task_control import KillRequest, check_timeout
+from ._task_control import KillRequest
 from ._template_link import TEMPLATE_EXIT_TIMEOUT
 from ._worker import WorkerConfig, run_chunk
 from .cpus import usable_cpus
 from .progress import progress_file, track
-from .errors import describe_errno
+from .errors import check_timeout, describe_errno
 
 POLICIES = ("break", "replace")
 _POOL_DEFAULT = object()   # submit_task(timeout=...) not given: the pool's task_timeout
