@@ -26,6 +26,25 @@ def worker_state():
     return _state
 
 
+def lifecycle_options(finalizer, finalargs, max_memory):
+    """The executor's ``finalizer``, ``finalargs`` and ``max_memory``, checked."""
+    if max_memory is not None:
+        if isinstance(max_memory, bool) or not isinstance(max_memory, int):
+            raise TypeError("max_memory must be a number of bytes (an int) or None, not %r"
+                            % (max_memory,))
+        if max_memory <= 0:
+            raise ValueError("max_memory must be a positive number of bytes, not %r"
+                             % (max_memory,))
+    if finalizer is not None and not callable(finalizer):
+        raise TypeError("finalizer must be a callable, not %r" % (finalizer,))
+    try:
+        finalargs = tuple(finalargs)
+    except TypeError:
+        raise TypeError("finalargs must be an iterable of arguments for the finalizer, "
+                        "not %r" % (finalargs,)) from None
+    return finalizer, finalargs, max_memory
+
+
 def begin_worker():
     """A worker starts: its state is empty (not the template's, nor a previous worker's)."""
     global _state

@@ -14,6 +14,18 @@ FunctionStatistics = collections.namedtuple("FunctionStatistics", "name calls se
 MAX_FUNCTIONS = 256
 
 
+def statistics_fields(times):
+    """The ``ExecutorStatistics`` fields a :class:`PoolTimes` provides (none before the
+    exchange thread exists)."""
+    if times is None:
+        return {}
+    functions, busy, idle, starting = times.snapshot()
+    return dict(tasks_timed_out=times.timed_out, tasks_killed=times.killed,
+                workers_retired_idle=times.idle_retired,
+                workers_retired_memory=times.memory_retired, busy_seconds=busy,
+                idle_seconds=idle, starting_seconds=starting, functions=functions)
+
+
 def function_name(key):
     """A readable name for a cost key (a function, or ``(type, inner function)``)."""
     if isinstance(key, tuple):

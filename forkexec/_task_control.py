@@ -19,18 +19,59 @@ batch is queued behind it (the scheduler treats its cost as unknown), so
 killing its worker costs no other task.
 """
 
+import collections.abc
+import os
+import threading
 import time
+from concurrent.futures import Future
 
 from ._completion import ABANDONED, cancel
 from ._death_policy import Decision, describe
 from ._protocol import MARKS_PER_SLOT, RETIRE, started_at_index
-from .errors import TaskTimeout, WorkerDiedError, check_timeout, describe_status  # noqa: F401
+from .errors import TaskTimeout, WorkerDiedError, describe_status
 from .wire import encode
 
 #: How often to look at the marks while a watched task has not started yet (its start
 #: time, once seen, gives the exact deadline).
 POLL = 0.005
 TIMEOUT, KILLED, IDLE, MEMORY = "timeout", "kill_task", "idle", "memory"
+
+
+def call_arguments(fn, args, kwargs):
+    """``submit_task``'s ``(args, kwargs)`` as a tuple and a dict; a clear error if not."""
+    if not callable(fn):
+        raise TypeError("submit_task() needs a callable, not %r" % (fn,))
+    try:
+        args = tuple(args)
+    except TypeError:
+        raise TypeError("args must be an iterable of positional arguments, not %r"
+                        % (args,)) from None
+    if kwargs is None:
+        return args, {}
+    if not isinstance(kwargs, collections.abc.Mapping):
+        raise TypeError("kwargs must be a mapping of keyword arguments or None, not %r"
+                        % (kwargs,))
+    return args, dict(kwargs)
+
+
+def kill_task(shared, future):
+    """``ForkExchangeExecutor.kill_task``: cancel ``future`` if it is queued, else ask the
+    exchange thread to kill its worker, and wait for the answer."""
+    if not isinstance(future, Future):
+        raise TypeError("kill_task() needs a Future of this executor, not %r" % (future,))
+    if future.done():   # cancelled already counts: this call changed nothing
+        return False
+    if future.cancel():
+        return True
+    if shared.owner_pid != os.getpid() or shared.thread is None or shared.closed:
+        return False
+    request = KillRequest(future, threading.Event())
+    shared.kill_requests.append(request)
+    shared.wake()
+    while not request.done.wait(0.25):
+        if shared.closed:   # the exchange thread ended: it answered what it saw
+            return future.cancelled()
+    return request.killed
 
 
 class KillRequest:

@@ -32,7 +32,6 @@ a multi-threaded process.
 
 import atexit
 import collections
-import collections.abc
 import errno
 import functools
 import itertools
@@ -43,7 +42,7 @@ import sys
 import threading
 import time
 import weakref
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor
 
 from ._calls import call_blob, load_pickler, pickling_failed
 from ._completion import FutureType, broken_copy, fail
@@ -52,7 +51,9 @@ from ._map_chunks import auto_chunksize, chunked, submit_chunk
 from ._map_results import map_results
 from ._protocol import Kind
 from ._shared import Shared, WorkItem
-from ._task_control import KillRequest
+from ._lifecycle import lifecycle_options
+from ._stats import statistics_fields
+from ._task_control import call_arguments, kill_task
 from ._template_link import TEMPLATE_EXIT_TIMEOUT
 from ._worker import WorkerConfig, run_chunk
 from .cpus import usable_cpus
@@ -151,22 +152,8 @@ class ForkExchangeExecutor(Executor):
                 raise ValueError("max_tasks_per_child must be >= 1")
         self._task_timeout = check_timeout(task_timeout, "task_timeout")
         self._idle_timeout = check_timeout(idle_timeout, "idle_timeout")
-        if max_memory is not None:
-            if isinstance(max_memory, bool) or not isinstance(max_memory, int):
-                raise TypeError("max_memory must be a number of bytes (an int) or None, not %r"
-                                % (max_memory,))
-            if max_memory <= 0:
-                raise ValueError("max_memory must be a positive number of bytes, not %r"
-                                 % (max_memory,))
-        self._max_memory = max_memory
-        if finalizer is not None and not callable(finalizer):
-            raise TypeError("finalizer must be a callable, not %r" % (finalizer,))
-        self._finalizer = finalizer
-        try:
-            self._finalargs = tuple(finalargs)
-        except TypeError:
-            raise TypeError("finalargs must be an iterable of arguments for the finalizer, "
-                            "not %r" % (finalargs,)) from None
+        self._finalizer, self._finalargs, self._max_memory = lifecycle_options(
+            finalizer, finalargs, max_memory)
         self._pickler = load_pickler(pickler)
         if on_worker_death not in POLICIES:
             raise ValueError("on_worker_death must be 'break' or 'replace', not %r"
@@ -261,27 +248,14 @@ class ForkExchangeExecutor(Executor):
         return future
 
     def submit_task(self, fn, /, args=(), kwargs=None, *, timeout=_POOL_DEFAULT):
-        """Schedule ``fn(*args, **kwargs)`` with a time limit of its own: ``timeout``
-        seconds of running (time spent queued does not count), ``None`` for none; by
-        default the pool's ``task_timeout``. A task past its limit is stopped by killing
-        its worker (which is replaced) and its future raises :class:`TaskTimeout`.
-        The task's own arguments go in ``args`` and ``kwargs``, so none of its keyword
-        arguments can collide with ``timeout``."""
-        if not callable(fn):
-            raise TypeError("submit_task() needs a callable, not %r" % (fn,))
-        try:
-            args = tuple(args)
-        except TypeError:
-            raise TypeError("args must be an iterable of positional arguments, not %r"
-                            % (args,)) from None
-        if kwargs is None:
-            kwargs = {}
-        elif not isinstance(kwargs, collections.abc.Mapping):
-            raise TypeError("kwargs must be a mapping of keyword arguments or None, not %r"
-                            % (kwargs,))
+        """Schedule ``fn(*args, **kwargs)`` with its own limit of ``timeout`` seconds of
+        running (None: none; default: the pool's ``task_timeout``); past it, its worker is
+        killed and replaced and the future raises :class:`TaskTimeout`. The task's own
+        keyword arguments go in ``kwargs``, so none can collide with ``timeout``."""
+        args, kwargs = call_arguments(fn, args, kwargs)
         timeout = self._task_timeout if timeout is _POOL_DEFAULT else \
             check_timeout(timeout, "timeout")
-        return self._submit_call(fn, args, dict(kwargs), timeout)
+        return self._submit_call(fn, args, kwargs, timeout)
 
     def _submit_call(self, fn, args, kwargs, timeout):
         self._check_usable()
@@ -299,27 +273,10 @@ class ForkExchangeExecutor(Executor):
         return future
 
     def kill_task(self, future):
-        """Stop the task behind ``future``, a future of this executor: if it is running,
-        its worker is killed (and replaced) and the future is cancelled; if it is still
-        queued, it is cancelled. Returns True if the future ends cancelled by this call,
-        False if it had finished (or was not this executor's). ``Future.cancel()`` keeps
-        its standard meaning: it never stops a running task."""
-        if not isinstance(future, Future):
-            raise TypeError("kill_task() needs a Future of this executor, not %r" % (future,))
-        if future.done():   # cancelled already counts: this call changed nothing
-            return False
-        if future.cancel():
-            return True
-        shared = self._shared
-        if shared.owner_pid != os.getpid() or shared.thread is None or shared.closed:
-            return False
-        request = KillRequest(future, threading.Event())
-        shared.kill_requests.append(request)
-        shared.wake()
-        while not request.done.wait(0.25):
-            if shared.closed:   # the exchange thread ended: it answered what it saw
-                return future.cancelled()
-        return request.killed
+        """Stop the task behind ``future``: running, its worker is killed (and replaced);
+        running or queued, the future is cancelled. True if this call cancelled it, False
+        if it had finished or is not this executor's. ``Future.cancel()`` is unchanged."""
+        return kill_task(self._shared, future)
 
     def _enqueue(self, item):
         shared = self._shared
@@ -343,11 +300,8 @@ class ForkExchangeExecutor(Executor):
         """Like ``ProcessPoolExecutor.map``: ordered results, an exception at its item.
 
         ``buffersize`` bounds how many chunks are submitted ahead of the consumer.
-        ``progress``: True shows a progress bar of the items on stderr when it is a
-        terminal; ``"always"`` shows it anyway; a file object shows it there (see
-        :mod:`forkexec.progress`). ``task_timeout``: each call's time limit (each chunk's
-        with ``chunksize`` > 1), by default the pool's; ``timeout`` keeps its standard
-        meaning (the whole iteration, from this call).
+        ``progress``: a bar counting items (see :mod:`forkexec.progress`). ``task_timeout``:
+        each call's limit (each chunk's if ``chunksize`` > 1), by default the pool's.
         """
         bar_file = progress_file(progress)
         per_call = task_timeout is not _POOL_DEFAULT
@@ -379,16 +333,13 @@ class ForkExchangeExecutor(Executor):
                 task_timeout is not None else auto_chunksize(
                     self._shared.costs, fn, len(args), self._max_workers)   # a chunk is a task
             separate = chunksize > 1
-        if chunksize == 1 and per_call:
+        if chunksize == 1:
             items = args
 
             def submit_next(item):
-                return self._submit_call(fn, tuple(item) if star else (item,), {},
-                                         task_timeout)
-        elif chunksize == 1:
-            items = args
-
-            def submit_next(item):
+                if per_call:   # its own limit: not through submit
+                    return self._submit_call(fn, tuple(item) if star else (item,), {},
+                                             task_timeout)
                 return self.submit(fn, *item) if star else self.submit(fn, item)
         else:
             items = chunked(args, chunksize)
@@ -470,19 +421,11 @@ class ForkExchangeExecutor(Executor):
     def statistics(self):
         """A frozen :class:`ExecutorStatistics` snapshot."""
         shared = self._shared
-        times = shared.times
-        extra = {}
-        if times is not None:
-            functions, busy, idle, starting = times.snapshot()
-            extra = dict(tasks_timed_out=times.timed_out, tasks_killed=times.killed,
-                         workers_retired_idle=times.idle_retired,
-                         workers_retired_memory=times.memory_retired, busy_seconds=busy,
-                         idle_seconds=idle, starting_seconds=starting, functions=functions)
         return ExecutorStatistics(
             workers_alive=len(shared.worker_pids), queued=len(shared.pending),
             running=shared.running,
             completed=shared.completed, failed=shared.failed,
-            workers_replaced=shared.replaced, **extra)
+            workers_replaced=shared.replaced, **statistics_fields(shared.times))
 
     @property
     def _processes(self):
