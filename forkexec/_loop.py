@@ -137,7 +137,8 @@ class ExchangeLoop:
             if shared.pending:
                 self.grow()
                 self.dispatch()
-            wake = self.control.check(self.table) if self.control.active() else None
+            wake = self.control.check(self.table) if self.control.busy or \
+                shared.kill_requests else None
             if self.finished():
                 return
             shared.sleeping = True   # from here on, callers wake us: look once more

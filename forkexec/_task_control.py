@@ -101,16 +101,16 @@ class TaskControl:
         self.watched = set()     # workers sent a timed task not yet answered
         self.wanted = []         # KillRequests not carried out yet
         self.stopping = {}       # worker -> KillRequest answered when the worker is gone
-
-    def active(self):
-        return bool(self.watched or self.wanted or self.shared.kill_requests or
-                    self.idle_timeout is not None)
+        # check() has something to look at (a plain attribute: the loop reads it each turn;
+        # new kill_task requests are seen in shared.kill_requests)
+        self.busy = idle_timeout is not None
 
     def sent(self, worker, batch):
         """A batch went to ``worker``: watch it if its task has a time limit. Returns
         whether the worker must write start times (the batch's ``timed`` flag)."""
         if len(batch) == 1 and batch[0].timeout is not None:
             self.watched.add(worker)
+            self.busy = True
             return True
         return False
 
@@ -135,6 +135,7 @@ class TaskControl:
             due = self._check_idle(table, now)
             if due is not None:
                 wake = due if wake is None else min(wake, due)
+        self.busy = bool(self.watched or self.wanted or self.idle_timeout is not None)
         return wake
 
     def _head(self, worker):
