@@ -25,7 +25,6 @@ def pickled_fn(fn):
     return pickle.dumps(fn, protocol=5), False
 
 
-PICKLERS = ("pickle", "cloudpickle")
 CLOUDPICKLE_HINT = ("forkexec: lambdas, closures, local functions and functions defined "
                     "interactively can be sent by value with "
                     "ForkExchangeExecutor(pickler='cloudpickle') (pip install "
