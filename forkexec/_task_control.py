@@ -176,10 +176,9 @@ class TaskControl:
         for worker in table:
             for item in worker.tasks.values():
                 if item.future is future:
-                    if worker.stop is not None:
-                        self.stopping.setdefault(worker, []).append(request)
-                        return True
                     setattr(future, ABANDONED, True)   # if given back: cancelled, not run
+                    if worker.stop is not None:   # stopping already: look again after
+                        return False
                     head, running = self._head(worker)
                     if head is item and running:
                         self.stop(worker, KILLED, item)
