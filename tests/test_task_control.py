@@ -169,3 +169,83 @@ def test_statistics_show_time_per_function_and_where_worker_time_went():
     assert stats.busy_seconds >= sleeper.seconds
     assert stats.starting_seconds > 0 and stats.idle_seconds >= 0
     assert stats.tasks_timed_out == stats.tasks_killed == 0
+
+
+# -- the decisions, without processes ------------------------------------------------------
+class FakeLink:
+    def __init__(self):
+        self.killed = []
+
+    def kill_worker(self, pid):
+        self.killed.append(pid)
+
+
+class FakeChannel:
+    closed = False
+
+    def __init__(self):
+        self.frames = []
+
+    def queue(self, frame):
+        self.frames.append(frame)
+
+    def flush_nowait(self):
+        return True
+
+
+def control_with_worker(clock, idle_timeout=None):
+    from forkexec._protocol import MARKS_PER_SLOT, NO_TASK, TIMES_PER_SLOT
+    from forkexec._shared import Shared
+    from forkexec._task_control import TaskControl
+    from forkexec._worker_table import WorkerTable
+    marks = [NO_TASK] * ((MARKS_PER_SLOT + TIMES_PER_SLOT) * 2)
+    table = WorkerTable(2, marks)
+    worker = table.born(1, 4242, FakeChannel(), None)
+    link = FakeLink()
+    control = TaskControl(Shared(), link, marks, 2, idle_timeout, clock=lambda: clock[0])
+    return control, table, worker, link, marks
+
+
+def timed_item(task_id, timeout):
+    from forkexec._protocol import Kind
+    from forkexec._shared import WorkItem
+    return WorkItem(concurrent.futures.Future(), task_id, Kind.CALL, b"", h.square, 1,
+                    timeout)
+
+
+def test_the_limit_counts_from_the_start_time_the_worker_wrote():
+    from forkexec._protocol import started_at_index
+    clock = [100.0]
+    control, table, worker, link, marks = control_with_worker(clock)
+    item = timed_item(7, 2.0)
+    worker.tasks[7] = item
+    assert control.sent(worker, [item]) is True
+    clock[0] = 150.0   # long after it was sent, but it has not started: no kill
+    assert control.check(table) is not None and link.killed == []
+    marks[started_at_index(2, 1)] = int(149.5 * 1e6)   # started at 149.5...
+    marks[2 * 1] = 7
+    assert control.check(table) == pytest.approx(1.5)   # ...so it is due at 151.5
+    clock[0] = 151.4
+    control.check(table)
+    assert link.killed == []
+    clock[0] = 151.6
+    control.check(table)
+    assert link.killed == [4242] and worker.stop == ("timeout", item) and worker.retiring
+
+
+def test_a_worker_is_retired_after_idle_timeout_of_idleness_only():
+    from forkexec._protocol import RETIRE
+    from forkexec.wire import encode
+    clock = [10.0]
+    control, table, worker, link, marks = control_with_worker(clock, idle_timeout=5.0)
+    assert control.check(table) == pytest.approx(5.0)   # idle from now
+    clock[0] = 13.0
+    marks[2 * 1 + 1] = 99   # it finished a task meanwhile: idle again from now
+    assert control.check(table) == pytest.approx(5.0)
+    clock[0] = 17.9
+    control.check(table)
+    assert worker.channel.frames == []
+    clock[0] = 18.0
+    control.check(table)
+    assert worker.channel.frames == [encode(RETIRE)] and worker.stop == ("idle", None)
+    assert link.killed == []   # asked to exit (it runs its finalizer), not killed
