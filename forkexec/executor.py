@@ -8,7 +8,7 @@ Data flow::
     (pickles the      (deque)      read results  <--frame-- channel <------------------- send results
      call, returns                 complete Futures
      a Future)   wake-up fd -->    poll (epoll: wake fd, control socket, worker channels)
-                                   SPAWN / SIGNAL / EXIT --------------> control  --fork--> worker
+                                   SPAWN / SIGNAL / KILL / EXIT -------> control  --fork--> worker
                                    SPAWNED(+fd) / EXITED <-------------- control  <-reap--
 
 ``submit()`` pickles the call (a pickling error fails that future at once),
@@ -23,7 +23,9 @@ results, and handles
 worker exits reported by the template: a worker that retired after
 ``max_tasks_per_child`` is replaced; one that died makes the pool broken
 (``on_worker_death="break"``) or is replaced with only its running task failed
-(``"replace"``).
+(``"replace"``). Workers stopped on purpose (a task past its time limit,
+``kill_task``, an idle worker, one past ``max_memory``) are handled by
+:mod:`._task_control` and never break the pool.
 
 The template is a single-threaded copy of the parent, forked by the thread
 that first submitted; it forks every worker, so workers are never forked from
@@ -46,19 +48,19 @@ from concurrent.futures import Executor
 
 from ._calls import call_blob, load_pickler, pickling_failed
 from ._completion import FutureType, broken_copy, fail
+from ._lifecycle import lifecycle_options
 from ._loop import ExchangeLoop
 from ._map_chunks import auto_chunksize, chunked, submit_chunk
 from ._map_results import map_results
 from ._protocol import Kind
 from ._shared import Shared, WorkItem
-from ._lifecycle import lifecycle_options
 from ._stats import statistics_fields
 from ._task_control import call_arguments, kill_task
 from ._template_link import TEMPLATE_EXIT_TIMEOUT
 from ._worker import WorkerConfig, run_chunk
 from .cpus import usable_cpus
-from .progress import progress_file, track
 from .errors import check_timeout, describe_errno
+from .progress import progress_file, track
 
 POLICIES = ("break", "replace")
 _POOL_DEFAULT = object()   # submit_task(timeout=...) not given: the pool's task_timeout
