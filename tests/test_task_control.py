@@ -133,8 +133,6 @@ def test_kill_task_cancels_a_queued_task_which_never_runs(tmp_path):
         assert ex.kill_task(queued) is True
         assert queued.cancelled()
         assert ahead.result(timeout=30) == "ahead"
-        done = ex.submit(h.square, 3)
-        assert ex.kill_task(done) in (True, False)   # a race with its result: both fine
         assert ex.submit(h.square, 4).result(timeout=30) == 16
     assert "queued" not in counts(log)
 
@@ -165,7 +163,7 @@ def test_statistics_show_time_per_function_and_where_worker_time_went():
     assert sleeper.calls == 6 and 0.25 <= sleeper.seconds < 10
     assert sleeper.per_call == pytest.approx(sleeper.seconds / 6)
     assert by_name["executor_helpers.square"].calls == 100   # items, not chunks
-    assert stats.functions[0] is sleeper or stats.functions[0].seconds >= sleeper.seconds
+    assert list(stats.functions) == sorted(stats.functions, key=lambda f: -f.seconds)
     assert stats.busy_seconds >= sleeper.seconds
     assert stats.starting_seconds > 0 and stats.idle_seconds >= 0
     assert stats.tasks_timed_out == stats.tasks_killed == 0
