@@ -34,6 +34,9 @@ from .wire import encode
 #: How often to look at the marks while a watched task has not started yet (its start
 #: time, once seen, gives the exact deadline).
 POLL = 0.005
+#: Looks for idle workers per idle_timeout: a worker retires after idle_timeout seconds
+#: idle, plus at most idle_timeout / IDLE_LOOKS.
+IDLE_LOOKS = 4
 TIMEOUT, KILLED, IDLE, MEMORY = "timeout", "kill_task", "idle", "memory"
 
 
@@ -104,6 +107,10 @@ class TaskControl:
         # check() has something to look at (a plain attribute: the loop reads it each turn;
         # new kill_task requests are seen in shared.kill_requests)
         self.busy = idle_timeout is not None
+        # Idle workers are looked for at most every idle_timeout / IDLE_LOOKS seconds (each
+        # look costs a pass over the workers), and when the first one is due to retire.
+        self.idle_next = 0.0
+        self.idle_first = None
 
     def sent(self, worker, batch):
         """A batch went to ``worker``: watch it if its task has a time limit. Returns
@@ -132,9 +139,13 @@ class TaskControl:
             if due is not None:
                 wake = due if wake is None else min(wake, due)
         if self.idle_timeout is not None:
-            due = self._check_idle(table, now)
-            if due is not None:
-                wake = due if wake is None else min(wake, due)
+            if now >= self.idle_next or (self.idle_first is not None and now >= self.idle_first):
+                due = self._check_idle(table, now)
+                self.idle_next = now + self.idle_timeout / IDLE_LOOKS
+                self.idle_first = None if due is None else now + due
+            nxt = self.idle_next if self.idle_first is None else min(self.idle_next,
+                                                                     self.idle_first)
+            wake = max(0.0, nxt - now) if wake is None else min(wake, max(0.0, nxt - now))
         self.busy = bool(self.watched or self.wanted or self.idle_timeout is not None)
         return wake
 
