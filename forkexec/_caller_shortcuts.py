@@ -49,7 +49,9 @@ def hand_off(loop):
         loop.break_pool(BrokenProcessPool(
             "internal error or interruption while handing work to a worker: %r" % (exc,)))
         raise
-    return not shared.pending and not any(w.writing for w in loop.table)
+    # A time limit or idle retirement needs the thread's clock: wake it to look.
+    return not shared.pending and not loop.control.busy and \
+        not any(w.writing for w in loop.table)
 
 
 def _lend(loop, worker, item):

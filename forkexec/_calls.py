@@ -25,21 +25,53 @@ def pickled_fn(fn):
     return pickle.dumps(fn, protocol=5), False
 
 
-def call_blob(fn, args, kwargs):
-    return pickle.dumps((pickled_fn(fn), args, kwargs), protocol=5)
+CLOUDPICKLE_HINT = ("forkexec: lambdas, closures, local functions and functions defined "
+                    "interactively can be sent by value with "
+                    "ForkExchangeExecutor(pickler='cloudpickle') (pip install "
+                    "'forkexec[cloudpickle]')")
 
 
-def pickling_failed(fn, args, kwargs, exc):
-    """``exc`` itself, with a note naming the part of the call that could not be pickled."""
+def load_pickler(name):
+    """The module that pickles calls: None for the standard pickle (the fast path), or
+    cloudpickle. A clear error for an unknown name or a missing package."""
+    if name is None or name == "pickle":
+        return None
+    if name != "cloudpickle":
+        raise ValueError("pickler must be 'pickle' or 'cloudpickle', not %r" % (name,))
+    try:
+        import cloudpickle
+    except ImportError as exc:
+        raise ImportError("ForkExchangeExecutor(pickler='cloudpickle') needs the cloudpickle "
+                          "package, which is not installed: pip install "
+                          "'forkexec[cloudpickle]'") from exc
+    return cloudpickle
+
+
+def call_blob(fn, args, kwargs, pickler=None):
+    if pickler is None:
+        return pickle.dumps((pickled_fn(fn), args, kwargs), protocol=5)
+    # By value where the standard pickle would refer to a name the worker may not have.
+    # Plain functions' pickles stay shareable: equal bytes are equal functions.
+    return pickler.dumps(((pickler.dumps(fn, protocol=5), is_plain(fn)), args, kwargs),
+                         protocol=5)
+
+
+def pickling_failed(fn, args, kwargs, exc, pickler=None):
+    """``exc`` itself, with a note naming the part of the call that could not be pickled
+    (and, with the standard pickle, how cloudpickle would send it)."""
     what = "the call"
+    dumps = pickle.dumps if pickler is None else pickler.dumps
     for label, obj in itertools.chain(
             [("the function %r" % (fn,), fn)],
             (("argument %d (a %s)" % (i, type(a).__qualname__), a) for i, a in enumerate(args)),
             (("keyword argument %r (a %s)" % (k, type(v).__qualname__), v)
              for k, v in kwargs.items())):
         try:
-            pickle.dumps(obj, protocol=5)
+            dumps(obj, protocol=5)
         except BaseException:  # noqa: B902
             what = label
             break
-    return add_note(exc, "forkexec: raised while pickling %s to send it to a worker" % what)
+    add_note(exc, "forkexec: raised while pickling %s to send it to a worker" % what)
+    if pickler is None and isinstance(exc, (pickle.PicklingError, AttributeError, TypeError)):
+        add_note(exc, CLOUDPICKLE_HINT)
+    return exc

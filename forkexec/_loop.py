@@ -23,9 +23,11 @@ from ._completion import (ABANDONED, FAST, cancel, fail, requeue, set_exception,
                           start_running)
 from ._caller_shortcuts import hand_off, reclaim, reclaim_all
 from ._death_policy import DeathPolicy
-from ._protocol import Batch, Control, InitFailed, Results, WorkerError
+from ._protocol import Batch, Control, InitFailed, Results, Retiring, WorkerError
 from ._scheduler import CostModel, Scheduler
 from ._shared import WakeUp
+from ._stats import PoolTimes
+from ._task_control import MEMORY, TaskControl
 from ._template_link import TemplateLink
 from ._worker_table import WorkerTable
 from .channel import Channel
@@ -46,7 +48,7 @@ def _wrap_blob(blob):
 class ExchangeLoop:
     """The exchange thread's world. Nothing outside this thread touches these objects."""
 
-    def __init__(self, shared, nworkers, policy, max_tasks, context):
+    def __init__(self, shared, nworkers, policy, max_tasks, context, idle_timeout=None):
         self.shared = shared
         self.nworkers = nworkers
         self.max_tasks = max_tasks
@@ -58,6 +60,9 @@ class ExchangeLoop:
         self.in_hand = []          # items off the queue, not yet recorded with a worker
         self.lent = set()          # workers lent to a caller's future (_caller_shortcuts)
         self.thread_ident = None
+        self.idle_timeout = idle_timeout
+        self.control = None        # TaskControl: timeouts, kill_task, idle workers
+        self.times = shared.times = PoolTimes()
 
     # -- set-up and tear-down ---------------------------------------------------------
     def start(self, config):
@@ -73,8 +78,11 @@ class ExchangeLoop:
             raise
         try:
             self.table = WorkerTable(self.nworkers, self.link.marks)
+            self.control = TaskControl(self.shared, self.link, self.link.marks, self.nworkers,
+                                       self.idle_timeout)
             for slot in range(self.link.prefork):
                 self.table.start_requested(slot)
+                self.times.spawn_requested(slot)
             self.shared.wakeup = WakeUp()
             self.shared.hand_off = functools.partial(hand_off, self)
             self.poller.register(self.shared.wakeup.r, Poller.READ, "wake")
@@ -117,6 +125,8 @@ class ExchangeLoop:
             self.poller.unregister(shared.wakeup.r)
         self.link.close(self.poller, abandon=abandon)
         shared.worker_pids.clear()   # the template reaped them all before it exited
+        if self.control is not None:
+            self.control.close()
         _fork.disown(self)
         self.poller.close()
         shared.closed = True
@@ -145,11 +155,13 @@ class ExchangeLoop:
             if shared.pending:
                 self.grow()
                 self.dispatch()
+            wake = self.control.check(self.table) if self.control.busy or \
+                shared.kill_requests else None
             if self.finished():
                 return
             shared.sleeping = True   # from here on, callers wake us: look once more
             timeout = 0 if shared.kill_signal is not None or shared.cancel_requested or \
-                (shared.pending and self.can_act()) else None
+                shared.kill_requests or (shared.pending and self.can_act()) else wake
             if self.link.backlog and not self.link.flush():
                 timeout = 0.001 if timeout is None else timeout   # until the socket drains
             lock.release()
@@ -201,8 +213,9 @@ class ExchangeLoop:
         self.scheduler.sent(worker, batch)
         self.shared.running += len(batch)
         channel = worker.channel
+        timed = batch[0].timeout is not None and self.control.sent(worker, batch)
         channel.queue(encode(Batch([(item.task_id, item.kind, _wrap_blob(item.blob))
-                                    for item in batch], give_back_after)))
+                                    for item in batch], give_back_after, timed)))
         try:
             done = channel.flush_nowait()
         except ChannelBroken:
@@ -246,6 +259,8 @@ class ExchangeLoop:
                     "usable" % (worker.pid, type(exc).__name__, exc))
                 err.__cause__ = exc
                 self.break_pool(err)
+            elif kind is Retiring:
+                self.control.retire(worker, MEMORY)
             elif kind is WorkerError:
                 worker.error = msg.traceback
                 _LOGGER.error("forkexec worker process %d failed:\n%s", worker.pid,
@@ -256,7 +271,9 @@ class ExchangeLoop:
         scheduler = self.scheduler
         if msg.entries:
             self.policy.results_arrived()
-            scheduler.costs.learn(settle_results(msg.entries, worker, scheduler, shared))
+            spent = settle_results(msg.entries, worker, scheduler, shared)
+            scheduler.costs.learn(spent)
+            self.times.tasks_done(spent)
         if msg.returned:
             returned = [scheduler.answered(worker, task_id) for task_id in msg.returned]
             returned = [item for item in returned if item is not None]
@@ -280,6 +297,7 @@ class ExchangeLoop:
 
     def spawn(self, slot):
         self.table.start_requested(slot)
+        self.times.spawn_requested(slot)
         self.link.spawn(slot)
 
     def on_control(self):
@@ -307,6 +325,7 @@ class ExchangeLoop:
             return
         channel = Channel(pid, socket.socket(fileno=fd), reapable=False)
         worker = self.table.born(slot, pid, channel, self.max_tasks)
+        self.times.worker_born(worker)
         self.shared.worker_pids.add(pid)
         self.poller.register(channel.fileno(), Poller.READ, worker)
 
@@ -326,11 +345,15 @@ class ExchangeLoop:
         worker.channel.close()
         gone = self.table.remove(worker, status)
         shared.worker_pids.discard(worker.pid)
+        self.times.worker_gone(worker)
         if shared.broken is not None:
             return
         shared.running -= len(worker.tasks)
         keep_size = not (shared.shutdown and not shared.pending) and shared.kill_signal is None
-        decision = self.policy.decide(gone, keep_size)
+        if worker.stop is not None:   # stopped on purpose: a timeout, kill_task, idle
+            decision = self.control.decide(gone, keep_size)
+        else:
+            decision = self.policy.decide(gone, keep_size)
         if decision.broken is not None:
             self.break_pool(decision.broken, also=list(worker.tasks.values()))
             return

@@ -45,11 +45,14 @@ def auto_chunksize(costs, fn, count, workers):
     return max(1, min(per_chunk, spread, MAX_BATCH))
 
 
-def chunk_blob(fn, chunk, star, separate):
+def chunk_blob(fn, chunk, star, separate, pickler=None):
+    dumps = pickle.dumps if pickler is None else pickler.dumps
     if separate and not _all_immutable(chunk, star):
-        items = [pickle.dumps(item, protocol=5) for item in chunk]
+        items = [dumps(item, protocol=5) for item in chunk]
     else:
         separate, items = False, chunk
+    if pickler is not None:   # the function by value where it must be (see call_blob)
+        return dumps(((dumps(fn, protocol=5), False), star, separate, items), protocol=5)
     return pickle.dumps((pickled_fn(fn), star, separate, items), protocol=5)
 
 
@@ -60,38 +63,41 @@ def _all_immutable(chunk, star):
     return all(type(item) in INLINE for item in chunk)
 
 
-def submit_chunk(enqueue, new_id, fn, chunk, star, separate):
-    """Queue (through ``enqueue``) one work item running ``fn`` over ``chunk``."""
+def submit_chunk(enqueue, new_id, fn, chunk, star, separate, timeout=None, pickler=None):
+    """Queue (through ``enqueue``) one work item running ``fn`` over ``chunk``;
+    ``timeout`` limits the whole chunk's run time."""
     future = FutureType()
     try:
-        blob = chunk_blob(fn, chunk, star, separate)
+        blob = chunk_blob(fn, chunk, star, separate, pickler)
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # noqa: B902
-        return _submit_partial_chunk(enqueue, new_id, fn, chunk, star, separate, exc)
-    enqueue(WorkItem(future, new_id(), Kind.CHUNK, blob, fn, len(chunk)))
+        return _submit_partial_chunk(enqueue, new_id, fn, chunk, star, separate, exc,
+                                     timeout, pickler)
+    enqueue(WorkItem(future, new_id(), Kind.CHUNK, blob, fn, len(chunk), timeout))
     return future
 
 
-def _submit_partial_chunk(enqueue, new_id, fn, chunk, star, separate, exc):
+def _submit_partial_chunk(enqueue, new_id, fn, chunk, star, separate, exc, timeout=None,
+                          pickler=None):
     """A chunk that does not pickle: fail the items that do not, run the others."""
     failures = {}
     for i, item in enumerate(chunk):
         args = item if star else (item,)
         try:
-            pickle.dumps(args, protocol=5)
+            (pickle if pickler is None else pickler).dumps(args, protocol=5)
         except BaseException as item_exc:  # noqa: B902
-            failures[i] = RemoteFailure(pickling_failed(fn, args, {}, item_exc), "")
+            failures[i] = RemoteFailure(pickling_failed(fn, args, {}, item_exc, pickler), "")
     if not failures:  # the function itself does not pickle: the whole chunk fails
         future = FutureType()
-        future.set_exception(pickling_failed(fn, (), {}, exc))
+        future.set_exception(pickling_failed(fn, (), {}, exc, pickler))
         return future
     good = [item for i, item in enumerate(chunk) if i not in failures]
     future = Future()
     if not good:
         future.set_result(([None] * len(chunk), failures, False))
         return future
-    inner = submit_chunk(enqueue, new_id, fn, good, star, separate)
+    inner = submit_chunk(enqueue, new_id, fn, good, star, separate, timeout, pickler)
 
     def merge(done):
         try:

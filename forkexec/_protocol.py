@@ -5,6 +5,7 @@ Parent -> template, over a ``SOCK_SEQPACKET`` control socket, one fixed-size rec
     SPAWN(slot)                  fork a worker for this slot
     SIGNAL(signum, grace_ms)     send signum to every worker; SIGKILL the rest after grace_ms
     EXIT                         wait for the workers to exit, then exit
+    KILL(pid)                    SIGKILL this worker if it has not been reaped yet
 
 Template -> parent::
 
@@ -13,13 +14,17 @@ Template -> parent::
     SPAWN_FAILED(slot, errno)
 
 Parent -> worker, one frame per batch: :class:`Batch`. Worker -> parent:
-:class:`Results` (as tasks finish), :class:`InitFailed`, :class:`WorkerError`.
+:class:`Results` (as tasks finish), :class:`InitFailed`, :class:`WorkerError`,
+:class:`Retiring`. A batch whose ``tasks`` is None tells the worker to exit.
 
 Each task runs at most once. Before a task starts, the worker writes its id into
 its ``started`` mark (shared memory); when it ends, into its ``finished`` mark.
 Tasks run in the order they were sent, so when a worker dies the parent knows
 which of its unanswered tasks finished (their results were lost), which one was
-running, and which never started (they may run elsewhere).
+running, and which never started (they may run elsewhere). In a batch marked ``timed`` the
+worker also writes the time each task started (``time.monotonic()`` in
+microseconds, before the started mark) where :func:`started_at_index` says, so
+the parent measures a task's run time, never its time in the queue.
 """
 
 import array
@@ -30,7 +35,7 @@ import struct
 
 class Control:
     """Kinds of control records."""
-    SPAWN, SIGNAL, EXIT, SPAWNED, EXITED, SPAWN_FAILED = range(6)
+    SPAWN, SIGNAL, EXIT, SPAWNED, EXITED, SPAWN_FAILED, KILL = range(7)
 
 
 _RECORD = struct.Struct("<iiii")   # kind, a, b, c
@@ -80,7 +85,10 @@ class Status:
 #: tasks: [(task_id, Kind, blob)]; give_back_after: seconds after which the worker returns
 #: the tasks of this batch it has not started, and the batches queued behind it (None:
 #: never), so a batch whose estimate was wrong never holds work another worker could run.
-Batch = collections.namedtuple("Batch", "tasks give_back_after")
+#: timed: write each task's start time (its tasks have a time limit). tasks None: exit.
+Batch = collections.namedtuple("Batch", "tasks give_back_after timed", defaults=(False,))
+#: A batch that tells an idle or retiring worker to exit (running its finalizer).
+RETIRE = Batch(None, None)
 #: batch_done: the worker is done with the oldest batch it was sent; entries: finished
 #: tasks; returned: ids of tasks it gives back unstarted.
 Results = collections.namedtuple("Results", "batch_done entries returned")
@@ -88,7 +96,22 @@ Results = collections.namedtuple("Results", "batch_done entries returned")
 InitFailed = collections.namedtuple("InitFailed", "failure")
 #: The worker's own code failed (not a task's): the traceback text; the worker exits.
 WorkerError = collections.namedtuple("WorkerError", "traceback")
+#: The worker will run no more tasks (reason: "memory"); it gives back what it is sent
+#: and exits when the parent answers with :data:`RETIRE`.
+Retiring = collections.namedtuple("Retiring", "reason")
 
 #: Marks of a worker slot: a task id, or NO_TASK.
 NO_TASK = -1
 MARKS_PER_SLOT = 2   # started, finished
+#: After the 2 * nslots task marks, one start time per slot (microseconds, monotonic).
+TIMES_PER_SLOT = 1
+
+
+def marks_bytes(nslots):
+    """Size of the shared memory holding the marks of ``nslots`` worker slots."""
+    return 8 * (MARKS_PER_SLOT + TIMES_PER_SLOT) * nslots
+
+
+def started_at_index(nslots, slot):
+    """Where the worker in ``slot`` writes the start time of its timed task."""
+    return MARKS_PER_SLOT * nslots + slot

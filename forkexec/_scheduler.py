@@ -70,7 +70,11 @@ class CostModel:
         return self.table.get(cost_key(fn))
 
     def estimate(self, item):
-        """Expected seconds for an item, or None if its function was never measured."""
+        """Expected seconds for an item, or None if its function was never measured. A
+        task with a time limit counts as unknown: it goes alone and nothing waits behind
+        it, so stopping it at its limit costs no other task."""
+        if item.timeout is not None:
+            return None
         cost = self.table.get(cost_key(item.fn))
         return None if cost is None else cost * item.count
 

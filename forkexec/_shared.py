@@ -16,9 +16,10 @@ from . import _fork
 class WorkItem:
     """One queued call (or map chunk): its future and its pickled form."""
 
-    __slots__ = ("future", "task_id", "kind", "blob", "fn", "count", "started", "estimate")
+    __slots__ = ("future", "task_id", "kind", "blob", "fn", "count", "started", "estimate",
+                 "timeout")
 
-    def __init__(self, future, task_id, kind, blob, fn, count=1):
+    def __init__(self, future, task_id, kind, blob, fn, count=1, timeout=None):
         self.future = future
         self.task_id = task_id
         self.kind = kind
@@ -27,6 +28,7 @@ class WorkItem:
         self.count = count        # calls in this item (a map chunk holds several)
         self.started = False      # its future was moved to RUNNING
         self.estimate = None      # expected seconds when dispatched, None if unknown
+        self.timeout = timeout    # seconds it may run before its worker is killed, or None
 
 
 class WakeUp:
@@ -91,11 +93,13 @@ class Shared:
         self.kill_signal = None     # terminate_workers/kill_workers/Ctrl-C: signal to send
         self.kill_reason = None
         self.kill_on_exit = False   # shutdown(wait=False, cancel_futures=True): never wait at exit
+        self.kill_requests = collections.deque()   # kill_task(): KillRequests to carry out
         self.broken = None          # the error that broke the pool
         self.closed = False         # the exchange thread has finished cleaning up
         self.thread = None
         self.completed = self.failed = self.replaced = self.running = 0
         self.worker_pids = set()    # live workers (the exchange thread adds and discards)
+        self.times = None           # _stats.PoolTimes, once the exchange thread exists
         # Measured seconds per call by function (written by the exchange thread, read by
         # map): this pool's own history, so another pool's tasks never mislead it.
         self.costs = {}

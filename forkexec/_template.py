@@ -22,7 +22,7 @@ import socket
 import time
 
 from . import _fork
-from ._protocol import MARKS_PER_SLOT, Control, recv_record, send_record
+from ._protocol import Control, marks_bytes, recv_record, send_record
 from ._worker import load_libc, worker_main
 from .exchange import Poller
 
@@ -97,6 +97,11 @@ class Template:
                 self.kill_at = time.monotonic() + record.b / 1000.0
         elif record.kind == Control.EXIT:
             self.begin_exit(EXIT_GRACE)
+        elif record.kind == Control.KILL and record.a in self.workers:
+            try:   # not reaped yet, so the pid is still this worker's
+                os.kill(record.a, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def begin_exit(self, grace):
         self.exiting = True
@@ -203,7 +208,7 @@ def template_main(control, config, nslots, marks_fd, parent_sentinel, prefork):
         load_libc()   # a spawned template is a fresh interpreter: workers need prctl
         signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's business
         _stdin_from_devnull()
-        size = 8 * MARKS_PER_SLOT * nslots
+        size = marks_bytes(nslots)
         marks_map = mmap.mmap(marks_fd, size)
         os.close(marks_fd)
         marks = memoryview(marks_map).cast("q")

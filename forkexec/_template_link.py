@@ -16,7 +16,7 @@ import socket
 import time
 
 from . import _fork
-from ._protocol import MARKS_PER_SLOT, NO_TASK, Control, recv_record, send_record
+from ._protocol import NO_TASK, Control, marks_bytes, recv_record, send_record
 from ._template import InheritedFd, template_main
 from ._worker import load_libc
 from .errors import describe_errno, describe_exitcode, describe_status
@@ -60,7 +60,7 @@ class TemplateLink:
         """Start the template process; raises OSError with a clear message on failure,
         having released everything."""
         load_libc()
-        size = 8 * MARKS_PER_SLOT * self.nslots
+        size = marks_bytes(self.nslots)
         fds, ends = [], ()
         _fork.own(self)   # from here on, a forked child (the template too) drops our part
         try:
@@ -131,6 +131,11 @@ class TemplateLink:
     def signal(self, signum, grace=0.0):
         """Send ``signum`` to every worker; SIGKILL those left after ``grace`` seconds."""
         self._send(Control.SIGNAL, signum, int(grace * 1000))
+
+    def kill_worker(self, pid):
+        """SIGKILL one worker. The template does it, so the pid cannot have been reused:
+        it is the template's unreaped child until it reports the exit."""
+        self._send(Control.KILL, pid)
 
     def _send(self, kind, a=0, b=0):
         """Send a record, or queue it while the socket is full (hundreds of workers asked

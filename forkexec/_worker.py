@@ -22,8 +22,9 @@ import traceback
 
 from multiprocessing import util as mp_util
 
-from . import _fork
-from ._protocol import InitFailed, Kind, Results, Status, WorkerError
+from . import _fork, _lifecycle
+from ._protocol import (MARKS_PER_SLOT, InitFailed, Kind, Results, Retiring, Status,
+                        WorkerError, started_at_index)
 from .channel import Channel
 from .errors import ChannelBroken, RemoteFailure, add_note
 from .wire import OUT_OF_BAND_MIN
@@ -36,6 +37,8 @@ INLINE_MAX = 1 << 12
 #: the results of any task longer than this travel back as it finishes.
 FLUSH_EVERY = 0.001
 PR_SET_PDEATHSIG = 1
+#: With a memory ceiling, the worker's size is read at most this often (between tasks).
+MEMORY_CHECK_EVERY = 0.005
 
 _libc = None
 
@@ -94,7 +97,18 @@ def _function(pickled):
     return fn
 
 
+LATE_MAIN = ("the function (or an object of the call) was defined in __main__ after this "
+             "executor started: its workers are copies of the program as it was at the first "
+             "submit() or map(), and have no such name. Define it before the executor's "
+             "first use, or in a module, or send it by value with "
+             "ForkExchangeExecutor(pickler='cloudpickle')")
+
+
 def _unpickling_failed(exc):
+    if type(exc) is AttributeError and "__main__" in str(exc):
+        # Still an AttributeError (code written for the standard executor may catch it),
+        # but one that says why, also where notes are not shown (before Python 3.11).
+        exc = AttributeError("%s: %s" % (exc, LATE_MAIN))
     add_note(exc, "forkexec: raised while unpickling the task in worker process %d"
              % os.getpid())
     return Status.FAILED, _dump_failure(exc)
@@ -182,7 +196,10 @@ class WorkerConfig:
     """
 
     def __init__(self, initializer, initargs, max_tasks, process_class, parent_pid,
-                 parent_name):
+                 parent_name, finalizer=None, finalargs=(), max_memory=None):
+        self.finalizer = finalizer
+        self.finalargs = finalargs
+        self.max_memory = max_memory      # RSS bytes after which the worker retires
         self.initializer = initializer
         self.initargs = initargs
         self.max_tasks = max_tasks
@@ -222,6 +239,7 @@ def worker_main(sock, slot, serial, config, marks, parent_sentinel, template_pid
 
 def _run(sock, slot, config, marks):
     channel = Channel(0, sock, reapable=False)
+    _lifecycle.begin_worker()
     if config.initializer is not None:
         try:
             config.initializer(*config.initargs)
@@ -229,27 +247,34 @@ def _run(sock, slot, config, marks):
             channel.send(InitFailed(_dump_failure(exc)))
             raise SystemExit(1)
     try:
-        _serve(channel, slot, config.max_tasks, marks)
-    except ChannelBroken:   # the parent closed our channel: time to go
-        return
+        _serve(channel, slot, config.max_tasks, marks, config.max_memory)
+    except ChannelBroken:   # the parent closed our channel (shutdown): time to go
+        pass
     except BaseException:  # noqa: B902 - tell the parent, then exit with the traceback
         try:
             channel.send(WorkerError(traceback.format_exc()))
         except BaseException:  # noqa: B902
             pass
         raise
+    _lifecycle.finalize(config)
 
 
-def _serve(channel, slot, max_tasks, marks):
-    started_mark, finished_mark = 2 * slot, 2 * slot + 1
+def _serve(channel, slot, max_tasks, marks, max_memory=None):
+    started_mark, finished_mark = MARKS_PER_SLOT * slot, MARKS_PER_SLOT * slot + 1
+    at_mark = started_at_index(len(marks) // (MARKS_PER_SLOT + 1), slot)
     done = 0
     clock = time.monotonic
+    memory_checked = clock()
     while max_tasks is None or done < max_tasks:
-        tasks, give_back_after = channel.receive()
+        tasks, give_back_after, timed = channel.receive()
+        if tasks is None:   # the parent retires us (idle, or after our Retiring)
+            return
         results = []
         begin = last_flush = now = clock()
         last = len(tasks) - 1
         for i, (task_id, kind, blob) in enumerate(tasks):
+            if timed:   # before the started mark: the parent reads them in that order
+                marks[at_mark] = int(clock() * 1e6)
             marks[started_mark] = task_id
             status, out = RUNNERS[kind](blob)
             marks[finished_mark] = task_id
@@ -258,13 +283,20 @@ def _serve(channel, slot, max_tasks, marks):
                 out = pickle.PickleBuffer(out)
             results.append((task_id, status, out, now - before))
             done += 1
+            if max_memory is not None and (i == last or
+                                           now - memory_checked >= MEMORY_CHECK_EVERY):
+                memory_checked = now
+                if _lifecycle.rss_bytes() > max_memory:
+                    _retire(channel, results, [t[0] for t in tasks[i + 1:]], "memory")
+                    return
             if i == last:
                 break
             if give_back_after is not None and now - begin > give_back_after:
                 # The batch runs far longer than estimated: return what has not started.
                 _fork.flush_stdio()
                 channel.send(Results(True, results, [t[0] for t in tasks[i + 1:]]))
-                _give_back_queued(channel)
+                if _give_back_queued(channel):
+                    return
                 results = None
                 break
             if now - last_flush > FLUSH_EVERY:
@@ -275,11 +307,29 @@ def _serve(channel, slot, max_tasks, marks):
             _fork.flush_stdio()
             channel.send(Results(True, results, ()))
             if give_back_after is not None and clock() - begin > give_back_after:
-                _give_back_queued(channel)   # what was queued behind it expected us sooner
+                if _give_back_queued(channel):   # what was queued behind it expected us
+                    return                       # sooner
 
 
 def _give_back_queued(channel):
-    """Return, unstarted, the batches already sent to us behind the current one."""
+    """Return, unstarted, the batches already sent to us behind the current one; True
+    if the parent told us to exit meanwhile."""
     while channel.poll(0):
         batch = channel.receive()
+        if batch.tasks is None:
+            return True
+        channel.send(Results(True, [], [t[0] for t in batch.tasks]))
+    return False
+
+
+def _retire(channel, results, unstarted, reason):
+    """Stop taking tasks: send the results so far, give back what has not started, say
+    why, and give back whatever else comes until the parent says to exit."""
+    _fork.flush_stdio()
+    channel.send(Results(True, results, unstarted))
+    channel.send(Retiring(reason))
+    while True:
+        batch = channel.receive()
+        if batch.tasks is None:
+            return
         channel.send(Results(True, [], [t[0] for t in batch.tasks]))

@@ -16,7 +16,8 @@ from ._scheduler import WorkerLoad
 class Worker(WorkerLoad):
     """One live worker, seen from the exchange thread."""
 
-    __slots__ = ("slot", "pid", "channel", "writing", "error", "lent_to")
+    __slots__ = ("slot", "pid", "channel", "writing", "error", "lent_to", "stop",
+                 "idle_since", "idle_mark")
 
     def __init__(self, slot, pid, channel, budget):
         super().__init__(budget)
@@ -26,6 +27,9 @@ class Worker(WorkerLoad):
         self.writing = False     # registered for EVENT_WRITE
         self.error = None        # traceback text of an internal error it reported
         self.lent_to = None      # the future whose caller may read its reply (watched)
+        self.stop = None         # (reason, item) once stopped on purpose (_task_control)
+        self.idle_since = None   # when it was first seen idle (idle_timeout only)
+        self.idle_mark = None    # its finished mark then
 
 
 #: status: raw wait status; running: the item it was running, or None; lost: items that

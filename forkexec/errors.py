@@ -65,6 +65,36 @@ class WorkerDiedError(BrokenProcessPool):
         return exitcode_from_status(self.status)
 
 
+class TaskTimeout(TimeoutError):
+    """A task ran past its time limit (``task_timeout=``, ``submit_task(timeout=)``): its
+    worker was killed and replaced. A subclass of the builtin ``TimeoutError`` (which is
+    ``concurrent.futures.TimeoutError`` from Python 3.11). ``function`` is the task's
+    qualified name and ``timeout`` the limit in seconds."""
+
+    def __init__(self, message, function=None, timeout=None):
+        super().__init__(message)
+        self.function = function
+        self.timeout = timeout
+
+    def __str__(self):
+        return self.args[0] if self.args else ""
+
+    def __reduce__(self):
+        return type(self), (str(self), self.function, self.timeout)
+
+
+def check_timeout(value, what):
+    """``value`` as a positive number of seconds, or None; a clear error otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError("%s must be a number of seconds or None, not %r" % (what, value))
+    if not value > 0 or value == float("inf"):
+        raise ValueError("%s must be a positive, finite number of seconds or None, not %r"
+                         % (what, value))
+    return float(value)
+
+
 def exitcode_from_status(status):
     """Turn a raw wait status into an exit code, or minus the signal number."""
     if status is None:

@@ -13,10 +13,12 @@ results as they arrive, :class:`Map` in submission order; :func:`pmap`,
 import collections
 import os
 import selectors
+import signal
 import time
 
 from . import channel as _channel
-from .errors import ChannelBroken, describe_status
+from .errors import ChannelBroken, TaskTimeout, check_timeout, describe_status
+from .progress import make_bar, progress_file
 
 #: While finished children are still being reaped, wait at most this long per round.
 REAP_POLL = 0.005
@@ -61,15 +63,29 @@ class Exchange:
     a process that has just delivered a result (its callable must loop, see
     :class:`MakeReusable`); ``continuous`` lets each child send any number of
     messages until it exits. ``ready`` and ``store`` take timeouts in seconds.
+
+    ``task_timeout``: a process started by :meth:`start` (or given new work by
+    ``reuse``) that runs longer than this many seconds is killed, and reported through
+    :meth:`store_died` with :class:`~forkexec.TaskTimeout` (a ``TimeoutError``).
+    ``progress``: iterating a :class:`Queue` or :class:`Map` moves a progress bar (the
+    values of ``ForkExchangeExecutor.map``'s ``progress=``, see :mod:`forkexec.progress`).
     """
 
-    def __init__(self, channels=None, limit=None, reuse=0, continuous=0, autoclose=1):
+    def __init__(self, channels=None, limit=None, reuse=0, continuous=0, autoclose=1, *,
+                 task_timeout=None, progress=None):
         if reuse and continuous:
             raise ValueError("reuse and continuous cannot be combined: a continuous child "
                              "sends until it exits, so it can never be given new work")
         if limit is not None and limit < 1:
             raise ValueError("limit must be None or at least 1, not %r" % (limit,))
         self.limit = limit
+        self.task_timeout = check_timeout(task_timeout, "task_timeout")
+        self._progress = progress_file(progress)
+        self._bar = None
+        self._started = 0          # work started or queued by start() (a Queue bar's total)
+        self._deadlines = {}       # channel -> when its child is killed (task_timeout)
+        self._timed_out = {}       # pid -> callable's name, of children killed at deadline
+        self._names = {}           # channel -> name of the callable it runs (task_timeout)
         self.reuse = reuse
         self.continuous = continuous
         self.autoclose = autoclose
@@ -108,6 +124,9 @@ class Exchange:
         self._buffered.discard(channel)
         self._tags.pop(channel, None)
         self._failed.discard(channel)
+        if self._deadlines:
+            self._deadlines.pop(channel, None)
+        self._names.pop(channel, None)
         if self.autoclose:
             channel.close()
             if channel.pid > 0 and channel.wait(os.WNOHANG) is None and channel._reapable:
@@ -165,11 +184,30 @@ class Exchange:
             self._buffered.intersection_update(buffered)
         if buffered:
             timeout = 0
+        if self._deadlines:   # wake at the first deadline
+            due = max(0.0, self._kill_overdue() - time.monotonic())
+            timeout = due if timeout is None else min(timeout, due)
         seen = set(buffered)
         for ch, _ in self._poller.wait(timeout):
             if ch not in seen:
                 buffered.append(ch)
+        if self._deadlines:
+            self._kill_overdue()
         return buffered
+
+    def _kill_overdue(self):
+        """Kill the children past their ``task_timeout``; return the next deadline (inf if
+        none). Their channels then end, and :meth:`_judge` reports the timeout."""
+        now = time.monotonic()
+        for channel, deadline in list(self._deadlines.items()):
+            if deadline <= now:
+                del self._deadlines[channel]
+                self._timed_out[channel.pid] = self._names.get(channel, "a task")
+                try:
+                    os.kill(channel.pid, signal.SIGKILL)   # our unreaped child: its pid
+                except ProcessLookupError:
+                    pass
+        return min(self._deadlines.values(), default=float("inf"))
 
     # -- the work queue ------------------------------------------------------------
     def _live(self):
@@ -226,8 +264,11 @@ class Exchange:
         if self._waiting:
             _callable, args, kwargs, tag = self._waiting.popleft()
             self._tags[channel] = tag
+            if self.task_timeout is not None and channel in self._names:
+                self._deadlines[channel] = time.monotonic() + self.task_timeout
             channel.send((args, kwargs))
         else:
+            self._deadlines.pop(channel, None)   # told to stop: it exits on its own
             channel.send(None)
 
     def _ended(self, channel):
@@ -261,8 +302,14 @@ class Exchange:
             return
         why = describe_status(status) if status is not None else "exit status unknown"
         what = "without sending a result" if not delivered else "abnormally"
-        err = ChannelBroken("child process %d ended %s (%s)" % (channel.pid, what, why),
-                            channel.pid, status)
+        name = self._timed_out.pop(channel.pid, None)
+        if name is not None:
+            err = TaskTimeout("%s ran longer than its task_timeout of %g seconds; its child "
+                              "process %d was killed" % (name, self.task_timeout, channel.pid),
+                              name, self.task_timeout)
+        else:
+            err = ChannelBroken("child process %d ended %s (%s)" % (channel.pid, what, why),
+                                channel.pid, status)
         self._tags[channel] = tag
         try:
             self.store_died(channel, err)
@@ -294,6 +341,24 @@ class Exchange:
         channel = _channel.start(fn, *args, **kwargs)
         self._tags[channel] = tag
         self.add(channel)
+        if self.task_timeout is not None:
+            inner = getattr(fn, "callable", fn)   # MakeParallel's function
+            self._names[channel] = getattr(inner, "__qualname__", None) or repr(inner)
+            self._deadlines[channel] = time.monotonic() + self.task_timeout
+
+    def _tick(self):
+        """One more item taken by iteration: move the progress bar."""
+        if self._bar is None:
+            self._bar = make_bar(self._progress_total(), None, self._progress)
+        self._bar.update(1)
+
+    def _progress_total(self):
+        return None
+
+    def _progress_done(self):
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
     def wait(self):
         """Store results until fewer than ``limit`` processes are live."""
@@ -316,6 +381,7 @@ class Exchange:
         self._submit(callable, args, kwargs, None)
 
     def _submit(self, fn, args, kwargs, tag):
+        self._started += 1
         self._waiting.append((fn, args, kwargs, tag))
         self._start_waiting()
 
@@ -418,11 +484,19 @@ class Queue(Exchange):
         while not self._results and (self.unfinished() or self._unreaped):
             self.store()
         if not self._results:
+            if self._progress is not None:
+                self._progress_done()
             raise StopIteration
         value = self._results.popleft()
+        if self._progress is not None:
+            self._tick()
         if isinstance(value, _Failed):
             raise value.error
         return value
+
+    def _progress_total(self):
+        """Results expected: one per started task, unknown for continuous children."""
+        return None if self.continuous or not self._started else self._started
 
     next = __next__
 
@@ -509,14 +583,22 @@ class Map(Exchange):
     def __next__(self):
         if self._next >= len(self._results):
             self.finish()  # every result is in: reap the children that sent them
+            if self._progress is not None:
+                self._progress_done()
             raise StopIteration
         index, self._next = self._next, self._next + 1
+        if self._progress is not None:
+            self._tick()
         return self._result(index)
+
+    def _progress_total(self):
+        return len(self._results)
 
     next = __next__
 
 
-def pmap(callable, sequence, limit=None):
-    """A lazy parallel ``map``: a :class:`Map` running ``callable`` on each item."""
-    mymap = Map(limit=limit)
+def pmap(callable, sequence, limit=None, *, task_timeout=None, progress=None):
+    """A lazy parallel ``map``: a :class:`Map` running ``callable`` on each item.
+    ``task_timeout`` and ``progress`` as for :class:`Exchange`."""
+    mymap = Map(limit=limit, task_timeout=task_timeout, progress=progress)
     return mymap(callable, sequence)

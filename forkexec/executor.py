@@ -8,7 +8,7 @@ Data flow::
     (pickles the      (deque)      read results  <--frame-- channel <------------------- send results
      call, returns                 complete Futures
      a Future)   wake-up fd -->    poll (epoll: wake fd, control socket, worker channels)
-                                   SPAWN / SIGNAL / EXIT --------------> control  --fork--> worker
+                                   SPAWN / SIGNAL / KILL / EXIT -------> control  --fork--> worker
                                    SPAWNED(+fd) / EXITED <-------------- control  <-reap--
 
 ``submit()`` pickles the call (a pickling error fails that future at once),
@@ -23,7 +23,9 @@ results, and handles
 worker exits reported by the template: a worker that retired after
 ``max_tasks_per_child`` is replaced; one that died makes the pool broken
 (``on_worker_death="break"``) or is replaced with only its running task failed
-(``"replace"``).
+(``"replace"``). Workers stopped on purpose (a task past its time limit,
+``kill_task``, an idle worker, one past ``max_memory``) are handled by
+:mod:`._task_control` and never break the pool.
 
 The template is a single-threaded copy of the parent, forked by the thread
 that first submitted; it forks every worker, so workers are never forked from
@@ -44,29 +46,50 @@ import time
 import weakref
 from concurrent.futures import Executor
 
-from ._calls import call_blob, pickling_failed
+from ._calls import call_blob, load_pickler, pickling_failed
 from ._completion import FutureType, broken_copy, fail
+from ._lifecycle import lifecycle_options
 from ._loop import ExchangeLoop
 from ._map_chunks import auto_chunksize, chunked, submit_chunk
 from ._map_results import map_results
 from ._protocol import Kind
 from ._shared import Shared, WorkItem
+from ._stats import statistics_fields
+from ._task_control import call_arguments, kill_task
 from ._template_link import TEMPLATE_EXIT_TIMEOUT
 from ._worker import WorkerConfig, run_chunk
 from .cpus import usable_cpus
-from .errors import describe_errno
+from .errors import check_timeout, describe_errno
+from .progress import progress_file, track
 
 POLICIES = ("break", "replace")
+_POOL_DEFAULT = object()   # submit_task(timeout=...) not given: the pool's task_timeout
 
 
 class ExecutorStatistics:
-    """A frozen snapshot of an executor's state."""
+    """A frozen snapshot of an executor's state.
 
-    __slots__ = ("workers_alive", "queued", "running", "completed", "failed", "workers_replaced")
+    Counts: ``workers_alive``, ``queued``, ``running``, ``completed``, ``failed``,
+    ``workers_replaced``, ``tasks_timed_out``, ``tasks_killed`` (``kill_task``),
+    ``workers_retired_idle``, ``workers_retired_memory``. Time, in seconds, summed over
+    workers: ``busy_seconds`` (running tasks, measured in the workers),
+    ``idle_seconds`` (alive, not running a task: waiting for work, or for the parent),
+    ``starting_seconds`` (from asking for a worker to having it). ``functions``: a
+    tuple of ``FunctionStatistics(name, calls, seconds, per_call)``, most time first.
+    """
+
+    __slots__ = ("workers_alive", "queued", "running", "completed", "failed", "workers_replaced",
+                 "tasks_timed_out", "tasks_killed", "workers_retired_idle",
+                 "workers_retired_memory", "busy_seconds", "idle_seconds", "starting_seconds",
+                 "functions")
+    _DEFAULTS = {"tasks_timed_out": 0, "tasks_killed": 0, "workers_retired_idle": 0,
+                 "workers_retired_memory": 0, "busy_seconds": 0.0, "idle_seconds": 0.0,
+                 "starting_seconds": 0.0, "functions": ()}
 
     def __init__(self, **fields):
         for name in self.__slots__:
-            object.__setattr__(self, name, fields[name])
+            value = fields[name] if name in fields else self._DEFAULTS[name]
+            object.__setattr__(self, name, value)
 
     def __setattr__(self, name, value):
         raise AttributeError("ExecutorStatistics is a frozen snapshot")
@@ -125,7 +148,9 @@ class ForkExchangeExecutor(Executor):
     """
 
     def __init__(self, max_workers=None, mp_context=None, initializer=None, initargs=(), *,
-                 max_tasks_per_child=None, on_worker_death="break"):
+                 max_tasks_per_child=None, on_worker_death="break", task_timeout=None,
+                 pickler=None, finalizer=None, finalargs=(), idle_timeout=None,
+                 max_memory=None):
         if max_workers is None:
             max_workers = usable_cpus()
         elif not isinstance(max_workers, int):
@@ -140,6 +165,11 @@ class ForkExchangeExecutor(Executor):
                 raise TypeError("max_tasks_per_child must be an integer")
             if max_tasks_per_child <= 0:
                 raise ValueError("max_tasks_per_child must be >= 1")
+        self._task_timeout = check_timeout(task_timeout, "task_timeout")
+        self._idle_timeout = check_timeout(idle_timeout, "idle_timeout")
+        self._finalizer, self._finalargs, self._max_memory = lifecycle_options(
+            finalizer, finalargs, max_memory)
+        self._pickler = load_pickler(pickler)
         if on_worker_death not in POLICIES:
             raise ValueError("on_worker_death must be 'break' or 'replace', not %r"
                              % (on_worker_death,))
@@ -184,13 +214,15 @@ class ForkExchangeExecutor(Executor):
                 raise RuntimeError("cannot schedule new futures after interpreter shutdown")
             _check_fd_budget(self._max_workers)   # the limit may have dropped since __init__
             loop = ExchangeLoop(shared, self._max_workers, self._policy,
-                                self._max_tasks_per_child, self._template_context)
+                                self._max_tasks_per_child, self._template_context,
+                                self._idle_timeout)
             shared.starting = True   # the template (a fork of us) must not adopt this pool
             try:
                 loop.start(WorkerConfig(
                     self._initializer, self._initargs, self._max_tasks_per_child,
                     self._process_class, os.getpid(),
-                    multiprocessing.current_process().name))
+                    multiprocessing.current_process().name, self._finalizer,
+                    self._finalargs, self._max_memory))
             except OSError as exc:   # no descriptor or process left: a later submit may retry
                 shared.starting = shared.closed = False
                 if "ForkExchangeExecutor" in str(exc):
@@ -220,14 +252,46 @@ class ForkExchangeExecutor(Executor):
             self._ensure_started()
         future = FutureType()
         try:
-            blob = call_blob(fn, args, kwargs)
+            blob = call_blob(fn, args, kwargs, self._pickler)
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # noqa: B902 - reported through the future
-            future.set_exception(pickling_failed(fn, args, kwargs, exc))
+            future.set_exception(pickling_failed(fn, args, kwargs, exc, self._pickler))
             return future
-        self._enqueue(WorkItem(future, self._new_id(), Kind.CALL, blob, fn))
+        self._enqueue(WorkItem(future, self._new_id(), Kind.CALL, blob, fn, 1,
+                               self._task_timeout))
         return future
+
+    def submit_task(self, fn, /, args=(), kwargs=None, *, timeout=_POOL_DEFAULT):
+        """Schedule ``fn(*args, **kwargs)`` with its own limit of ``timeout`` seconds of
+        running (None: none; default: the pool's ``task_timeout``); past it, its worker is
+        killed and replaced and the future raises :class:`TaskTimeout`. The task's own
+        keyword arguments go in ``kwargs``, so none can collide with ``timeout``."""
+        args, kwargs = call_arguments(fn, args, kwargs)
+        timeout = self._task_timeout if timeout is _POOL_DEFAULT else \
+            check_timeout(timeout, "timeout")
+        return self._submit_call(fn, args, kwargs, timeout)
+
+    def _submit_call(self, fn, args, kwargs, timeout):
+        self._check_usable()
+        if self._shared.thread is None:
+            self._ensure_started()
+        future = FutureType()
+        try:
+            blob = call_blob(fn, args, kwargs, self._pickler)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: B902 - reported through the future
+            future.set_exception(pickling_failed(fn, args, kwargs, exc, self._pickler))
+            return future
+        self._enqueue(WorkItem(future, self._new_id(), Kind.CALL, blob, fn, 1, timeout))
+        return future
+
+    def kill_task(self, future):
+        """Stop the task behind ``future``: running, its worker is killed (and replaced);
+        running or queued, the future is cancelled. True if this call cancelled it, False
+        if it had finished or is not this executor's. ``Future.cancel()`` is unchanged."""
+        return kill_task(self._shared, future)
 
     def _enqueue(self, item):
         shared = self._shared
@@ -246,11 +310,19 @@ class ForkExchangeExecutor(Executor):
             # It broke after this call began: its future says so, as the stdlib's would.
             fail([item], shared.broken)
 
-    def map(self, fn, *iterables, timeout=None, chunksize=1, buffersize=None):
+    def map(self, fn, *iterables, timeout=None, chunksize=1, buffersize=None, progress=None,
+            task_timeout=_POOL_DEFAULT):
         """Like ``ProcessPoolExecutor.map``: ordered results, an exception at its item.
 
         ``buffersize`` bounds how many chunks are submitted ahead of the consumer.
+        ``progress``: a bar counting items (see :mod:`forkexec.progress`). ``task_timeout``:
+        each call's limit (each chunk's if ``chunksize`` > 1), by default the pool's.
         """
+        bar_file = progress_file(progress)
+        per_call = task_timeout is not _POOL_DEFAULT
+        task_timeout = check_timeout(task_timeout, "task_timeout") if per_call else \
+            self._task_timeout
+        total = _known_length(iterables) if bar_file is not None else None
         if buffersize is not None:
             if not isinstance(buffersize, int):
                 raise TypeError("buffersize must be an integer or None, not %r" % (buffersize,))
@@ -271,13 +343,18 @@ class ForkExchangeExecutor(Executor):
         separate = False
         if chunksize == 1 and buffersize is None and not via_submit:
             args = list(args)
-            chunksize = 1 if self._max_tasks_per_child is not None else auto_chunksize(
-                self._shared.costs, fn, len(args), self._max_workers)   # a chunk is one task
+            total = len(args)
+            chunksize = 1 if self._max_tasks_per_child is not None or \
+                task_timeout is not None else auto_chunksize(
+                    self._shared.costs, fn, len(args), self._max_workers)   # a chunk is a task
             separate = chunksize > 1
         if chunksize == 1:
             items = args
 
             def submit_next(item):
+                if per_call:   # its own limit: not through submit
+                    return self._submit_call(fn, tuple(item) if star else (item,), {},
+                                             task_timeout)
                 return self.submit(fn, *item) if star else self.submit(fn, item)
         else:
             items = chunked(args, chunksize)
@@ -291,7 +368,8 @@ class ForkExchangeExecutor(Executor):
                     self._check_usable()   # as submit() does: map over nothing never raises
                     if self._shared.thread is None:
                         self._ensure_started()
-                    return submit_chunk(self._enqueue, self._new_id, fn, chunk, star, separate)
+                    return submit_chunk(self._enqueue, self._new_id, fn, chunk, star, separate,
+                                        task_timeout, self._pickler)
 
         if buffersize is None:
             futures = collections.deque(map(submit_next, items))
@@ -299,8 +377,11 @@ class ForkExchangeExecutor(Executor):
         else:
             items = iter(items)
             futures = collections.deque(map(submit_next, itertools.islice(items, buffersize)))
-        return map_results(futures, items, submit_next, end_time, chunksize > 1,
-                           weakref.ref(self))
+        results = map_results(futures, items, submit_next, end_time, chunksize > 1,
+                              weakref.ref(self))
+        if bar_file is None:
+            return results
+        return track(results, total=total, progress=bar_file, desc=_fn_name(fn))
 
     def _submit_is_replaced(self):
         """True when ``submit`` was overridden in a subclass or replaced on the instance
@@ -359,7 +440,7 @@ class ForkExchangeExecutor(Executor):
             workers_alive=len(shared.worker_pids), queued=len(shared.pending),
             running=shared.running,
             completed=shared.completed, failed=shared.failed,
-            workers_replaced=shared.replaced)
+            workers_replaced=shared.replaced, **statistics_fields(shared.times))
 
     @property
     def _processes(self):
@@ -412,6 +493,18 @@ class WorkerHandle:
 #: Descriptors the parent needs besides one per worker: wake-up pipe, control socket,
 #: epoll, and room for the template's fork and a worker being replaced.
 FIXED_FDS = 8
+
+
+def _known_length(iterables):
+    """How many items map will yield, if its iterables say (else None)."""
+    try:
+        return min(len(it) for it in iterables)
+    except (TypeError, ValueError):
+        return None
+
+
+def _fn_name(fn):
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
 
 
 def _check_fd_budget(workers):

@@ -971,3 +971,22 @@ def test_module_constants_are_consistent():
     assert PIPELINE_BELOW < GIVE_BACK_MIN
     assert _scheduler.SentBatch is SentBatch
     assert math.isfinite(GIVE_BACK_FACTOR) and GIVE_BACK_FACTOR > 1
+
+
+def test_a_timed_task_goes_alone_and_nothing_is_queued_behind_it():
+    """A task with a time limit travels alone, even among known tiny tasks, and its worker
+    takes no second batch: killing that worker at the limit costs no other task."""
+    pool = Pool(nworkers=1)
+    known(pool.costs, task_a, 1e-6)
+    timed = item(task_a)
+    timed.timeout = 5.0
+    pool.queue.extend(items(3) + [timed] + items(3))
+    worker = pool.workers[0]
+    first = pool.scheduler.next_batch(worker, pool.queue, 1)[0]
+    assert timed not in first   # the known tasks before it go in their own batch
+    pool.scheduler.sent(worker, first)
+    assert pool.scheduler.accepts(worker)   # a second batch behind short known work...
+    second, give_back_after = pool.scheduler.next_batch(worker, pool.queue, 1)
+    assert second == [timed] and give_back_after is None   # ...holds the timed task alone
+    pool.scheduler.sent(worker, second)
+    assert not pool.scheduler.accepts(worker)   # and nothing goes behind it
