@@ -3,7 +3,9 @@
 * :class:`ForkExchangeExecutor` - a drop-in ``concurrent.futures`` executor.
 * The native, pprocess-style layer: :class:`Channel`, :func:`create`,
   :func:`start`, :func:`waitall`, :class:`Exchange`, :class:`Queue`,
-  :class:`Map`, :func:`pmap`, :class:`MakeParallel`, :class:`MakeReusable`.
+  :class:`Map`, :func:`pmap`, :class:`MakeParallel`, :class:`MakeReusable`;
+  ``executor=`` runs ``Queue``, ``Map`` and ``pmap`` on any executor (Dask...).
+* ``forkexec.joblib`` - importing it registers the joblib backend "forkexec".
 """
 
 from ._fork import exit_child
@@ -11,8 +13,8 @@ from .background import (BackgroundCallable, BackgroundQueue, PersistentExchange
                          PersistentQueue)
 from .channel import Channel, create, start, waitall
 from .cpus import usable_cpus
-from .errors import (ChannelBroken, ChannelClosed, ChannelError, ProtocolError,
-                     RemoteTraceback, WorkerDiedError)
+from .errors import (ChannelBroken, ChannelClosed, ChannelError, LocalOnlyError,
+                     ProtocolError, RemoteTraceback, WorkerDiedError)
 from .executor import ExecutorStatistics, ForkExchangeExecutor
 from .exchange import (Exchange, MakeParallel, MakeReusable, ManagedCallable, Map,
                        Queue, pmap)
@@ -21,7 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackgroundCallable", "BackgroundQueue", "Channel", "ChannelBroken", "ChannelClosed",
-    "ChannelError", "Exchange", "ExecutorStatistics", "ForkExchangeExecutor", "MakeParallel",
+    "ChannelError", "Exchange", "ExecutorStatistics", "ForkExchangeExecutor", "LocalOnlyError", "MakeParallel",
     "MakeReusable", "ManagedCallable", "Map", "PersistentExchange", "PersistentQueue",
     "ProtocolError", "Queue", "RemoteTraceback", "WorkerDiedError", "create", "exit_child",
     "pmap", "start", "usable_cpus", "waitall",

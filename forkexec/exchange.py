@@ -7,7 +7,9 @@ child processes and hands each arriving message to ``store_data``; it can
 start processes itself under a hard ``limit`` on live children, ``reuse``
 them for queued work, or keep them ``continuous``. :class:`Queue` yields
 results as they arrive, :class:`Map` in submission order; :func:`pmap`,
-:class:`MakeParallel` and :class:`MakeReusable` wrap plain functions.
+:class:`MakeParallel` and :class:`MakeReusable` wrap plain functions. Given ``executor=`` (any
+``concurrent.futures.Executor``), an exchange submits its calls to that executor
+instead of forking (see ``_foreign``).
 """
 
 import collections
@@ -15,6 +17,7 @@ import os
 import selectors
 import time
 
+from . import _foreign
 from . import channel as _channel
 from .errors import ChannelBroken, describe_status
 
@@ -61,9 +64,16 @@ class Exchange:
     a process that has just delivered a result (its callable must loop, see
     :class:`MakeReusable`); ``continuous`` lets each child send any number of
     messages until it exits. ``ready`` and ``store`` take timeouts in seconds.
+
+    ``executor`` (any ``concurrent.futures.Executor``) runs the calls instead of
+    forked children; ``limit`` then bounds the calls submitted and not finished.
+    A ``MakeParallel`` function is submitted unwrapped; another callable gets a
+    channel that can only send. Channels, ``create()`` and ``receive()`` in a call
+    raise :class:`~forkexec.errors.LocalOnlyError` there.
     """
 
-    def __init__(self, channels=None, limit=None, reuse=0, continuous=0, autoclose=1):
+    def __init__(self, channels=None, limit=None, reuse=0, continuous=0, autoclose=1,
+                 executor=None):
         if reuse and continuous:
             raise ValueError("reuse and continuous cannot be combined: a continuous child "
                              "sends until it exits, so it can never be given new work")
@@ -74,6 +84,7 @@ class Exchange:
         self.continuous = continuous
         self.autoclose = autoclose
         self._poller = Poller()
+        self._tasks = None if executor is None else _foreign.Tasks(executor)
         self._channels = {}        # channel -> messages delivered (insertion-ordered)
         self._failed = set()       # channels whose child's failure was already raised
         self._waiting = collections.deque()   # queued (callable, args, kwargs, tag)
@@ -91,7 +102,10 @@ class Exchange:
     # -- channels --------------------------------------------------------------
     def add(self, channel):
         """Watch ``channel``."""
-        self._poller.register(channel.fileno(), Poller.READ, channel)
+        if self._tasks is None:
+            self._poller.register(channel.fileno(), Poller.READ, channel)
+        elif not isinstance(channel, _foreign.TaskHandle):
+            raise _foreign.refuse("watching %r" % (channel,))
         self._channels[channel] = 0
         channel.report_buffered_to(self._buffered)
 
@@ -154,6 +168,8 @@ class Exchange:
         Channels holding a message that was already read into memory are
         returned at once, without waiting.
         """
+        if self._tasks is not None:
+            return self._tasks.ready(self._channels, timeout)
         if not self._channels:
             # Nothing is registered (the poller may even be closed): only the
             # children still to be reaped are waited for, by polling.
@@ -219,7 +235,7 @@ class Exchange:
         except Exception:
             self._failed.add(channel)
             raise
-        if self.reuse and channel not in self._failed:
+        if self.reuse and self._tasks is None and channel not in self._failed:
             self._reuse(channel)
 
     def _reuse(self, channel):
@@ -259,10 +275,13 @@ class Exchange:
         abnormal = status is not None and status != 0
         if delivered and not abnormal:
             return
-        why = describe_status(status) if status is not None else "exit status unknown"
-        what = "without sending a result" if not delivered else "abnormally"
-        err = ChannelBroken("child process %d ended %s (%s)" % (channel.pid, what, why),
-                            channel.pid, status)
+        if self._tasks is not None:
+            err = channel.ended_error()
+        else:
+            why = describe_status(status) if status is not None else "exit status unknown"
+            what = "without sending a result" if not delivered else "abnormally"
+            err = ChannelBroken("child process %d ended %s (%s)" % (channel.pid, what, why),
+                                channel.pid, status)
         self._tags[channel] = tag
         try:
             self.store_died(channel, err)
@@ -291,7 +310,12 @@ class Exchange:
             self._launch(fn, args, kwargs, tag)
 
     def _launch(self, fn, args, kwargs, tag):
-        channel = _channel.start(fn, *args, **kwargs)
+        if self._tasks is None:
+            channel = _channel.start(fn, *args, **kwargs)
+        elif isinstance(fn, MakeParallel):      # its return value is its one message
+            channel = self._tasks.submit_returning(fn.callable, args, kwargs)
+        else:
+            channel = self._tasks.submit_sending(fn, args, kwargs)
         self._tags[channel] = tag
         self.add(channel)
 
@@ -322,6 +346,8 @@ class Exchange:
     def create(self):
         """Fork (after waiting for room under the limit). Returns the channel in the child,
         None in the parent, which watches the channel."""
+        if self._tasks is not None:
+            raise _foreign.refuse("create()")
         self.wait()
         channel = _channel.create()
         if channel.pid == 0:
@@ -516,7 +542,8 @@ class Map(Exchange):
     next = __next__
 
 
-def pmap(callable, sequence, limit=None):
-    """A lazy parallel ``map``: a :class:`Map` running ``callable`` on each item."""
-    mymap = Map(limit=limit)
+def pmap(callable, sequence, limit=None, executor=None):
+    """A lazy parallel ``map``: a :class:`Map` running ``callable`` on each item
+    (on ``executor``, if given)."""
+    mymap = Map(limit=limit, executor=executor)
     return mymap(callable, sequence)
