@@ -2,8 +2,9 @@
 
 ``test_foreign.py`` runs them on threads and on ForkExchangeExecutor, and
 ``test_foreign_dask.py`` on a Dask ``LocalCluster``; each module defines the
-``executor`` fixture (and ``dying_executor``, one whose workers are processes
-that may die alone). The task functions live here, at module level, so that
+``executor`` fixture, and ``dying_executor`` (one whose workers are processes
+that may die alone) with ``death_cause``, the type name of the executor's own
+error that a WorkerDiedError carries as its cause. The task functions live here, at module level, so that
 every executor finds them by reference (Dask's workers import this module).
 Results are compared with the same program run the default way, in forked
 children.
@@ -237,7 +238,7 @@ def test_a_task_exception_keeps_its_type_and_the_rest_goes_on(executor):
     assert m[3:] == [3, 4]
 
 
-def test_a_killed_worker_is_a_worker_died_error_at_its_place(dying_executor):
+def test_a_killed_worker_is_a_worker_died_error_at_its_place(dying_executor, death_cause):
     m = Map(executor=dying_executor)
     for i in range(3):
         m.start(MakeParallel(die_on), i, 1)
@@ -245,6 +246,7 @@ def test_a_killed_worker_is_a_worker_died_error_at_its_place(dying_executor):
     with pytest.raises(WorkerDiedError, match=r"running die_on.*died") as info:
         m[1]
     assert isinstance(info.value, forkexec.errors.BrokenProcessPool)
+    assert type(info.value.__cause__).__name__ == death_cause
     assert m[2] == 2
 
 

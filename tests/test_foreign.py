@@ -25,6 +25,11 @@ def dying_executor():
         yield ex
 
 
+@pytest.fixture
+def death_cause():
+    return "NoneType"     # ForkExchangeExecutor's WorkerDiedError is passed on as it is
+
+
 @pytest.mark.parametrize("bad", [3, "executor"])
 def test_an_executor_must_have_submit(bad):
     with pytest.raises(TypeError, match=r"^executor must be a concurrent.futures.Executor "
