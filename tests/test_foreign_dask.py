@@ -53,10 +53,7 @@ def cluster():
     assert descendants() == {}
     # One death is enough: the call whose worker died fails at once with KilledWorker,
     # instead of being retried on 3 more workers (the default).
-    # A worker gets one call at a time (worker-saturation 1.0; by default it may hold a
-    # queued one, which its death would fail too).
-    with dask.config.set({"distributed.scheduler.allowed-failures": 0,
-                          "distributed.scheduler.worker-saturation": 1.0}):
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
         cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                            dashboard_address=None)
         client = distributed.Client(cluster)
