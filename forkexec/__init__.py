@@ -23,8 +23,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackgroundCallable", "BackgroundQueue", "Channel", "ChannelBroken", "ChannelClosed",
-    "ChannelError", "Exchange", "ExecutorStatistics", "ForkExchangeExecutor", "LocalOnlyError", "MakeParallel",
-    "MakeReusable", "ManagedCallable", "Map", "PersistentExchange", "PersistentQueue",
-    "ProtocolError", "Queue", "RemoteTraceback", "WorkerDiedError", "create", "exit_child",
-    "pmap", "start", "usable_cpus", "waitall",
+    "ChannelError", "Exchange", "ExecutorStatistics", "ForkExchangeExecutor", "LocalOnlyError",
+    "MakeParallel", "MakeReusable", "ManagedCallable", "Map", "PersistentExchange",
+    "PersistentQueue", "ProtocolError", "Queue", "RemoteTraceback", "WorkerDiedError", "create",
+    "exit_child", "pmap", "start", "usable_cpus", "waitall",
 ]

@@ -7,9 +7,9 @@ child processes and hands each arriving message to ``store_data``; it can
 start processes itself under a hard ``limit`` on live children, ``reuse``
 them for queued work, or keep them ``continuous``. :class:`Queue` yields
 results as they arrive, :class:`Map` in submission order; :func:`pmap`,
-:class:`MakeParallel` and :class:`MakeReusable` wrap plain functions. Given ``executor=`` (any
-``concurrent.futures.Executor``), an exchange submits its calls to that executor
-instead of forking (see ``_foreign``).
+:class:`MakeParallel` and :class:`MakeReusable` wrap plain functions. Given
+``executor=`` (any ``concurrent.futures.Executor``), an exchange submits its calls
+to that executor instead of forking (see ``_foreign``).
 """
 
 import collections
@@ -83,8 +83,8 @@ class Exchange:
         self.reuse = reuse
         self.continuous = continuous
         self.autoclose = autoclose
-        self._poller = Poller()
         self._tasks = None if executor is None else _foreign.Tasks(executor)
+        self._poller = Poller()
         self._channels = {}        # channel -> messages delivered (insertion-ordered)
         self._failed = set()       # channels whose child's failure was already raised
         self._waiting = collections.deque()   # queued (callable, args, kwargs, tag)

@@ -4,10 +4,10 @@
 ``test_foreign_dask.py`` on a Dask ``LocalCluster``; each module defines the
 ``executor`` fixture, and ``dying_executor`` (one whose workers are processes
 that may die alone) with ``death_cause``, the type name of the executor's own
-error that a WorkerDiedError carries as its cause. The task functions live here, at module level, so that
-every executor finds them by reference (Dask's workers import this module).
-Results are compared with the same program run the default way, in forked
-children.
+error that a WorkerDiedError carries as its cause. The task functions live
+here, at module level, so that every executor finds them by reference (Dask's
+workers import this module). Results are compared with the same program run the
+default way, in forked children.
 """
 
 import os
