@@ -1,10 +1,12 @@
 """The native API on threads and on ForkExchangeExecutor (bodies in foreign_cases.py)."""
 
 import concurrent.futures
+import pickle
+import socket
 
 import pytest
 
-from forkexec import ForkExchangeExecutor, Queue
+from forkexec import Channel, ForkExchangeExecutor, Queue
 from foreign_cases import *  # noqa: F401,F403  (the shared test bodies)
 
 
@@ -35,3 +37,15 @@ def test_an_executor_must_have_submit(bad):
     with pytest.raises(TypeError, match=r"^executor must be a concurrent.futures.Executor "
                                         r"\(an object with a submit method\), not %r$" % bad):
         Queue(executor=bad)
+
+
+def test_a_channel_cannot_be_pickled_to_an_executors_task():
+    mine, theirs = socket.socketpair()
+    channel = Channel(0, mine)
+    try:
+        with pytest.raises(TypeError, match=r"^cannot pickle <Channel pid=0 fd=\d+ open>: a "
+                                            r"Channel links this process to one it forked"):
+            pickle.dumps(channel)
+    finally:
+        channel.close()
+        theirs.close()
