@@ -46,8 +46,10 @@ def worker_pids(client):
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """A client of a LocalCluster with two worker processes."""
+def cluster(mp_helpers):
+    """A client of a LocalCluster with two worker processes. Its workers start with spawn,
+    which starts multiprocessing's resource tracker: mp_helpers stops it after the module,
+    once the cluster is closed."""
     dask = require("dask")
     distributed = require("distributed")
     assert descendants() == {}
