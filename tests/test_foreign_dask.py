@@ -6,7 +6,6 @@ its last test, which must leave no process behind. Dask is a test extra: without
 tests skip, and fail under CI.
 """
 
-import importlib
 import os
 import time
 
@@ -14,14 +13,7 @@ import pytest
 
 from conftest import GRACE, descendants, kill_all
 from foreign_cases import *  # noqa: F401,F403  (the shared test bodies)
-from interpreters import skip_or_fail
-
-
-def require(module):
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        skip_or_fail("%s is not installed (pip install '.[test]')" % module)
+from interpreters import require_module
 
 
 def wait_for_no_processes(ignore=()):
@@ -50,8 +42,8 @@ def cluster(mp_helpers):
     """A client of a LocalCluster with two worker processes. Its workers start with spawn,
     which starts multiprocessing's resource tracker: mp_helpers stops it after the module,
     once the cluster is closed."""
-    dask = require("dask")
-    distributed = require("distributed")
+    dask = require_module("dask")
+    distributed = require_module("distributed")
     assert descendants() == {}
     # One death is enough: the call whose worker died fails at once with KilledWorker,
     # instead of being retried on 3 more workers (the default).

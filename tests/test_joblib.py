@@ -3,7 +3,6 @@
 joblib and scikit-learn are test extras: without them these tests skip, and fail under CI.
 """
 
-import importlib
 import multiprocessing
 import os
 import subprocess
@@ -13,21 +12,14 @@ import time
 import pytest
 
 from forkexec import RemoteTraceback, usable_cpus
-from interpreters import skip_or_fail
+from interpreters import require_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def require(module):
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        skip_or_fail("%s is not installed (pip install '.[test]')" % module)
-
-
 @pytest.fixture
 def joblib():
-    joblib = require("joblib")
+    joblib = require_module("joblib")
     import forkexec.joblib  # noqa: F401  (registers the backend)
     return joblib
 
@@ -144,7 +136,7 @@ def test_without_joblib_the_import_error_names_the_extra():
 
 
 def test_scikit_learn_cross_val_score_runs_on_forkexec(joblib):
-    require("sklearn")
+    require_module("sklearn")
     from sklearn.datasets import load_iris
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import cross_val_score
