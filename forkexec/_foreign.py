@@ -8,7 +8,7 @@ queue of waiting work, ``Queue`` and ``Map`` run unchanged on it::
 
     exchange.start(fn, *a) --> waiting --> Tasks.submit --> executor.submit(...)
     exchange.store()       <-- Tasks.ready(timeout) <-- completed <-- done callbacks
-                               (the exchange's thread)   (SimpleQueue)  (any thread)
+                               (the caller's thread)     (SimpleQueue)  (any thread)
 
 What is submitted for ``start(fn, *args)``:
 
@@ -83,9 +83,9 @@ class _Raise:
 class TaskHandle:
     """One submitted call, watched by an exchange in place of a channel.
 
-    It is ``done`` once the exchange's thread has taken it from the completed
-    calls (never earlier, so its state cannot change between two checks of the
-    exchange's loop); then its messages are the call's results.
+    It is ``done`` once :meth:`Tasks.ready`, in the caller's thread, has taken it
+    from the completed calls (never earlier, so its state cannot change between
+    two checks of the exchange's loop); then its messages are the call's results.
     """
 
     pid = 0               # no process of ours: nothing to reap or signal
