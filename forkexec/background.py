@@ -48,7 +48,7 @@ import time
 
 from . import _fork
 from .channel import Channel, encode_for_send
-from .errors import ChannelBroken, ChannelClosed, RemoteFailure
+from .errors import ChannelBroken, ChannelClosed, LocalOnlyError, RemoteFailure
 from .exchange import Exchange, Queue
 
 #: How long a background process waits for a client whenever it needs one.
@@ -578,6 +578,14 @@ class BackgroundCallable:
 
 class Persistent:
     """Mix-in for exchanges whose processes run in the background, reached by address."""
+
+    def __init__(self, *args, executor=None, **kwargs):
+        if executor is not None:
+            raise LocalOnlyError(
+                "%s watches background processes on this machine, reached at their socket "
+                "address; it cannot run on an executor (executor=%r)"
+                % (type(self).__name__, executor))
+        super().__init__(*args, **kwargs)
 
     def start(self, address, callable, *args, **kwargs):
         """Start ``callable(channel, *args, **kwargs)`` in a background process serving

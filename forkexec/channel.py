@@ -75,6 +75,11 @@ class Channel:
         state = "closed" if self._fd < 0 else ("at EOF" if self._eof else "open")
         return "<Channel pid=%d fd=%d %s>" % (self.pid, self._fd, state)
 
+    def __reduce__(self):
+        raise TypeError("cannot pickle %r: a Channel links this process to one it forked, so "
+                        "it cannot travel to another process (an executor's task included)"
+                        % (self,))
+
     # -- plumbing ------------------------------------------------------------
     def fileno(self):
         return self._fd

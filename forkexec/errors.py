@@ -37,6 +37,12 @@ class ChannelBroken(ChannelError, EOFError):
         return exitcode_from_status(self.status)
 
 
+class LocalOnlyError(NotImplementedError):
+    """Asked of an exchange on an executor (``executor=``), or of a task running on one,
+    what only a process forked by this one can do: a raw channel, ``create()``, a
+    background process, ``receive()`` from the parent."""
+
+
 class ProtocolError(ChannelError):
     """A frame on the wire was truncated, oversized or garbled."""
 

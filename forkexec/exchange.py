@@ -7,7 +7,9 @@ child processes and hands each arriving message to ``store_data``; it can
 start processes itself under a hard ``limit`` on live children, ``reuse``
 them for queued work, or keep them ``continuous``. :class:`Queue` yields
 results as they arrive, :class:`Map` in submission order; :func:`pmap`,
-:class:`MakeParallel` and :class:`MakeReusable` wrap plain functions.
+:class:`MakeParallel` and :class:`MakeReusable` wrap plain functions. Given
+``executor=`` (any ``concurrent.futures.Executor``), an exchange submits its calls
+to that executor instead of forking (see ``_foreign``).
 """
 
 import collections
@@ -16,8 +18,10 @@ import selectors
 import signal
 import time
 
+from . import _foreign
 from . import channel as _channel
-from .errors import ChannelBroken, TaskTimeout, check_timeout, describe_status
+from .errors import (ChannelBroken, LocalOnlyError, TaskTimeout, check_timeout,
+                     describe_status)
 from .progress import make_bar, progress_file
 
 #: While finished children are still being reaped, wait at most this long per round.
@@ -69,10 +73,17 @@ class Exchange:
     :meth:`store_died` with :class:`~forkexec.TaskTimeout` (a ``TimeoutError``).
     ``progress``: iterating a :class:`Queue` or :class:`Map` moves a progress bar (the
     values of ``ForkExchangeExecutor.map``'s ``progress=``, see :mod:`forkexec.progress`).
+
+    ``executor`` (any ``concurrent.futures.Executor``) runs the calls instead of
+    forked children; ``limit`` then bounds the calls submitted and not finished.
+    A ``MakeParallel`` function is submitted unwrapped; another callable gets a
+    channel that can only send. Channels, ``create()``, ``receive()`` in a call and
+    ``task_timeout`` (there is no process of ours to kill) raise
+    :class:`~forkexec.errors.LocalOnlyError` there.
     """
 
     def __init__(self, channels=None, limit=None, reuse=0, continuous=0, autoclose=1, *,
-                 task_timeout=None, progress=None):
+                 task_timeout=None, progress=None, executor=None):
         if reuse and continuous:
             raise ValueError("reuse and continuous cannot be combined: a continuous child "
                              "sends until it exits, so it can never be given new work")
@@ -80,6 +91,10 @@ class Exchange:
             raise ValueError("limit must be None or at least 1, not %r" % (limit,))
         self.limit = limit
         self.task_timeout = check_timeout(task_timeout, "task_timeout")
+        if executor is not None and self.task_timeout is not None:
+            raise LocalOnlyError(
+                "task_timeout kills a forked child that runs too long; with executor= there "
+                "is no process of ours to kill (use the executor's own limits)")
         self._progress = progress_file(progress)
         self._bar = None
         self._started = 0          # work started or queued by start() (a Queue bar's total)
@@ -89,6 +104,7 @@ class Exchange:
         self.reuse = reuse
         self.continuous = continuous
         self.autoclose = autoclose
+        self._tasks = None if executor is None else _foreign.Tasks(executor)
         self._poller = Poller()
         self._channels = {}        # channel -> messages delivered (insertion-ordered)
         self._failed = set()       # channels whose child's failure was already raised
@@ -107,7 +123,10 @@ class Exchange:
     # -- channels --------------------------------------------------------------
     def add(self, channel):
         """Watch ``channel``."""
-        self._poller.register(channel.fileno(), Poller.READ, channel)
+        if self._tasks is None:
+            self._poller.register(channel.fileno(), Poller.READ, channel)
+        elif not isinstance(channel, _foreign.TaskHandle):
+            raise _foreign.refuse("watching %r" % (channel,))
         self._channels[channel] = 0
         channel.report_buffered_to(self._buffered)
 
@@ -173,6 +192,8 @@ class Exchange:
         Channels holding a message that was already read into memory are
         returned at once, without waiting.
         """
+        if self._tasks is not None:
+            return self._tasks.ready(self._channels, timeout)
         if not self._channels:
             # Nothing is registered (the poller may even be closed): only the
             # children still to be reaped are waited for, by polling.
@@ -257,7 +278,7 @@ class Exchange:
         except Exception:
             self._failed.add(channel)
             raise
-        if self.reuse and channel not in self._failed:
+        if self.reuse and self._tasks is None and channel not in self._failed:
             self._reuse(channel)
 
     def _reuse(self, channel):
@@ -300,21 +321,26 @@ class Exchange:
         abnormal = status is not None and status != 0
         if delivered and not abnormal:
             return
-        why = describe_status(status) if status is not None else "exit status unknown"
-        what = "without sending a result" if not delivered else "abnormally"
-        name = self._timed_out.pop(channel.pid, None)
-        if name is not None:
-            err = TaskTimeout("%s ran longer than its task_timeout of %g seconds; its child "
-                              "process %d was killed" % (name, self.task_timeout, channel.pid),
-                              name, self.task_timeout)
+        if self._tasks is not None:
+            err = channel.ended_error()
         else:
-            err = ChannelBroken("child process %d ended %s (%s)" % (channel.pid, what, why),
-                                channel.pid, status)
+            err = self._child_error(channel, delivered, status)
         self._tags[channel] = tag
         try:
             self.store_died(channel, err)
         finally:
             self._tags.pop(channel, None)
+
+    def _child_error(self, channel, delivered, status):
+        name = self._timed_out.pop(channel.pid, None)
+        if name is not None:
+            return TaskTimeout("%s ran longer than its task_timeout of %g seconds; its child "
+                               "process %d was killed" % (name, self.task_timeout, channel.pid),
+                               name, self.task_timeout)
+        why = describe_status(status) if status is not None else "exit status unknown"
+        what = "without sending a result" if not delivered else "abnormally"
+        return ChannelBroken("child process %d ended %s (%s)" % (channel.pid, what, why),
+                             channel.pid, status)
 
     def _reap(self):
         """Reap (without waiting) the children that have exited; judge those whose
@@ -338,7 +364,12 @@ class Exchange:
             self._launch(fn, args, kwargs, tag)
 
     def _launch(self, fn, args, kwargs, tag):
-        channel = _channel.start(fn, *args, **kwargs)
+        if self._tasks is None:
+            channel = _channel.start(fn, *args, **kwargs)
+        elif isinstance(fn, MakeParallel):      # its return value is its one message
+            channel = self._tasks.submit_returning(fn.callable, args, kwargs)
+        else:
+            channel = self._tasks.submit_sending(fn, args, kwargs)
         self._tags[channel] = tag
         self.add(channel)
         if self.task_timeout is not None:
@@ -388,6 +419,8 @@ class Exchange:
     def create(self):
         """Fork (after waiting for room under the limit). Returns the channel in the child,
         None in the parent, which watches the channel."""
+        if self._tasks is not None:
+            raise _foreign.refuse("create()")
         self.wait()
         channel = _channel.create()
         if channel.pid == 0:
@@ -597,8 +630,8 @@ class Map(Exchange):
     next = __next__
 
 
-def pmap(callable, sequence, limit=None, *, task_timeout=None, progress=None):
-    """A lazy parallel ``map``: a :class:`Map` running ``callable`` on each item.
-    ``task_timeout`` and ``progress`` as for :class:`Exchange`."""
-    mymap = Map(limit=limit, task_timeout=task_timeout, progress=progress)
+def pmap(callable, sequence, limit=None, *, task_timeout=None, progress=None, executor=None):
+    """A lazy parallel ``map``: a :class:`Map` running ``callable`` on each item (on
+    ``executor``, if given). ``task_timeout`` and ``progress`` as for :class:`Exchange`."""
+    mymap = Map(limit=limit, task_timeout=task_timeout, progress=progress, executor=executor)
     return mymap(callable, sequence)

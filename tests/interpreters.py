@@ -10,6 +10,7 @@ skips with the reason, except under CI (``CI=true``), where it fails: a CI run
 must not pass by skipping what it was meant to check.
 """
 
+import importlib
 import os
 import re
 import subprocess
@@ -35,6 +36,16 @@ def skip_or_fail(reason):
         pytest.fail("%s (CI=true: a prerequisite missing under CI fails the test instead "
                     "of skipping it)" % reason, pytrace=False)
     pytest.skip(reason)
+
+
+def require_module(name):
+    """Import and return the module ``name``: a test extra; skip the test (fail it under CI)
+    when it is not installed."""
+    __tracebackhide__ = True
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        skip_or_fail("%s is not installed (pip install '.[test]')" % name)
 
 
 def pyenv_root():
