@@ -2,36 +2,35 @@
 
 It wires the parts together: the template link (:mod:`._template_link`) forks
 workers on request, the worker table (:mod:`._worker_table`) tracks them, the
-scheduler (:mod:`._scheduler`) decides batches, the death policy
-(:mod:`._death_policy`) decides what a worker's end means, and
-:mod:`._completion` settles futures. This module does the I/O: polling, sending
+scheduler (:mod:`._scheduler`) decides batches, :mod:`._worker_events` carries
+out the template's reports (a worker born or gone, as the death policy
+:mod:`._death_policy` or task control :mod:`._task_control` decides),
+:mod:`._completion` settles futures, and :mod:`._caller_shortcuts` lets a caller
+act for this thread while it sleeps. This module does the I/O: polling, sending
 batches, reading results, and carrying out the callers' requests.
 """
 
-import errno
 import functools
 import logging
 import pickle
 import signal
-import socket
 import threading
 import traceback
 from concurrent.futures.process import BrokenProcessPool
 
 from . import _fork
-from ._completion import (ABANDONED, FAST, cancel, fail, requeue, set_exception, settle_results,
-                          start_running)
 from ._caller_shortcuts import hand_off, reclaim, reclaim_all
+from ._completion import ABANDONED, FAST, cancel, fail, requeue, settle_results, start_running
 from ._death_policy import DeathPolicy
-from ._protocol import Batch, Control, InitFailed, Results, Retiring, WorkerError
+from ._protocol import Batch, InitFailed, Results, Retiring, WorkerError
 from ._scheduler import CostModel, Scheduler
 from ._shared import WakeUp
 from ._stats import PoolTimes
 from ._task_control import MEMORY, TaskControl
 from ._template_link import TemplateLink
+from ._worker_events import on_control
 from ._worker_table import WorkerTable
-from .channel import Channel
-from .errors import ChannelBroken, describe_errno
+from .errors import ChannelBroken
 from .exchange import Poller
 from .wire import OUT_OF_BAND_MIN, encode
 
@@ -174,7 +173,7 @@ class ExchangeLoop:
                 if data == "wake":
                     shared.wakeup.drain()
                 elif data == "control":
-                    self.on_control()
+                    on_control(self)
                 elif data != "template":
                     self.on_worker_event(data, mask)
 
@@ -299,78 +298,6 @@ class ExchangeLoop:
         self.table.start_requested(slot)
         self.times.spawn_requested(slot)
         self.link.spawn(slot)
-
-    def on_control(self):
-        for record in self.link.records():
-            if record is None:
-                self.on_template_death()
-                return
-            if record.kind == Control.SPAWNED:
-                self.on_spawned(record.a, record.b, record.fd)
-            elif record.kind == Control.EXITED:
-                worker = self.table.by_pid.get(record.a)   # None: its channel never came
-                if worker is not None:
-                    self.on_exited(worker, record.b)
-            elif record.kind == Control.SPAWN_FAILED:
-                self.table.start_failed(record.a)
-                self.break_pool(BrokenProcessPool(
-                    "could not start a worker process: %s" % describe_errno(record.b)))
-
-    def on_spawned(self, slot, pid, fd):
-        if fd is None:   # the descriptor was dropped on the way: we are at our fd limit
-            self.table.start_failed(slot)
-            self.break_pool(BrokenProcessPool(
-                "could not take the channel of a new worker process: %s"
-                % describe_errno(errno.EMFILE)))
-            return
-        channel = Channel(pid, socket.socket(fileno=fd), reapable=False)
-        worker = self.table.born(slot, pid, channel, self.max_tasks)
-        self.times.worker_born(worker)
-        self.shared.worker_pids.add(pid)
-        self.poller.register(channel.fileno(), Poller.READ, worker)
-
-    def on_exited(self, worker, status):
-        channel = worker.channel
-        if not channel.closed and not channel.at_eof:
-            # The process is gone, so all it wrote is buffered: read it before judging
-            # (until the socket is drained: a descendant may hold it open, so no EOF).
-            channel.read_nowait(limit=1 << 62)
-            self.take_messages(worker)
-        self.worker_gone(worker, status)
-
-    def worker_gone(self, worker, status):
-        shared = self.shared
-        self.poller.unregister(worker.channel.fileno())
-        worker.channel.set_status(status)
-        worker.channel.close()
-        gone = self.table.remove(worker, status)
-        shared.worker_pids.discard(worker.pid)
-        self.times.worker_gone(worker)
-        if shared.broken is not None:
-            return
-        shared.running -= len(worker.tasks)
-        keep_size = not (shared.shutdown and not shared.pending) and shared.kill_signal is None
-        if worker.stop is not None:   # stopped on purpose: a timeout, kill_task, idle
-            decision = self.control.decide(gone, keep_size)
-        else:
-            decision = self.policy.decide(gone, keep_size)
-        if decision.broken is not None:
-            self.break_pool(decision.broken, also=list(worker.tasks.values()))
-            return
-        for item, error in decision.fail:
-            shared.failed += 1
-            set_exception(item.future, error)
-        requeue(decision.requeue, shared.pending)
-        if decision.respawn:
-            shared.replaced += 1
-            self.spawn(worker.slot)
-
-    def on_template_death(self):
-        self.poller.unregister(self.link.fileno())
-        self.link.kill()   # its control socket failed: make sure, then reap it
-        self.break_pool(BrokenProcessPool(
-            "the template process (pid %d) of this ForkExchangeExecutor died (%s); its "
-            "workers died with it" % (self.link.pid, self.link.exit_status(block=True))))
 
     def break_pool(self, err, also=(), kill=True):
         """Fail everything, now and later, with ``err``; kill the workers."""

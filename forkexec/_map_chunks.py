@@ -9,6 +9,7 @@ pickles the results one by one for the same reason.
 
 import itertools
 import pickle
+import time
 from concurrent.futures import Future
 
 from ._calls import pickled_fn, pickling_failed
@@ -122,3 +123,22 @@ def _submit_partial_chunk(enqueue, new_id, fn, chunk, star, separate, exc, timeo
     future.set_running_or_notify_cancel()
     inner.add_done_callback(merge)
     return future
+
+
+def check_map_options(timeout, chunksize, buffersize):
+    """Refuse bad ``map`` options as the standard executor does; returns the map's end
+    time (None without a timeout)."""
+    if buffersize is not None:
+        if not isinstance(buffersize, int):
+            raise TypeError("buffersize must be an integer or None, not %r" % (buffersize,))
+        if buffersize < 1:
+            raise ValueError("buffersize must be None or > 0")
+    if not isinstance(chunksize, int):
+        raise TypeError("chunksize must be an integer, not %r" % (chunksize,))
+    if chunksize < 1:
+        raise ValueError("chunksize must be >= 1.")
+    try:
+        return None if timeout is None else timeout + time.monotonic()
+    except TypeError:
+        raise TypeError("timeout must be a number of seconds or None, not %r"
+                        % (timeout,)) from None

@@ -15,13 +15,13 @@ to that executor instead of forking (see ``_foreign``).
 import collections
 import os
 import selectors
-import signal
 import time
 
 from . import _foreign
 from . import channel as _channel
-from .errors import (ChannelBroken, LocalOnlyError, TaskTimeout, check_timeout,
-                     describe_status)
+from ._child_deadlines import ChildDeadlines
+from ._child_judge import ChildJudge
+from .errors import ChannelBroken, LocalOnlyError, check_timeout
 from .progress import make_bar, progress_file
 
 #: While finished children are still being reaped, wait at most this long per round.
@@ -59,7 +59,7 @@ class Poller:
         self._selector.close()
 
 
-class Exchange:
+class Exchange(ChildJudge):
     """Watch channels to child processes, storing what arrives.
 
     ``limit`` is a hard bound on live child processes started through this
@@ -98,9 +98,8 @@ class Exchange:
         self._progress = progress_file(progress)
         self._bar = None
         self._started = 0          # work started or queued by start() (a Queue bar's total)
-        self._deadlines = {}       # channel -> when its child is killed (task_timeout)
-        self._timed_out = {}       # pid -> callable's name, of children killed at deadline
-        self._names = {}           # channel -> name of the callable it runs (task_timeout)
+        self._deadlines = None if self.task_timeout is None else \
+            ChildDeadlines(self.task_timeout)
         self.reuse = reuse
         self.continuous = continuous
         self.autoclose = autoclose
@@ -110,10 +109,7 @@ class Exchange:
         self._failed = set()       # channels whose child's failure was already raised
         self._waiting = collections.deque()   # queued (callable, args, kwargs, tag)
         self._tags = {}            # channel -> tag of the work it is doing (Map's index)
-        self._unreaped = {}        # pid -> channel: removed, but the process has not exited
-        # pid -> (channel, messages delivered, tag) of unreaped children that ended
-        # their channel before their exit status was known: judged when reaped.
-        self._unjudged = {}
+        self._init_judging()
         # Channels that may hold a message or EOF already read into memory: they
         # report themselves here, so ready() need not scan every channel.
         self._buffered = set()
@@ -143,9 +139,8 @@ class Exchange:
         self._buffered.discard(channel)
         self._tags.pop(channel, None)
         self._failed.discard(channel)
-        if self._deadlines:
-            self._deadlines.pop(channel, None)
-        self._names.pop(channel, None)
+        if self._deadlines is not None:
+            self._deadlines.forget(channel)
         if self.autoclose:
             channel.close()
             if channel.pid > 0 and channel.wait(os.WNOHANG) is None and channel._reapable:
@@ -205,30 +200,17 @@ class Exchange:
             self._buffered.intersection_update(buffered)
         if buffered:
             timeout = 0
-        if self._deadlines:   # wake at the first deadline
-            due = max(0.0, self._kill_overdue() - time.monotonic())
+        deadlines = self._deadlines
+        if deadlines:   # wake at the first deadline (a killed child's channel then ends)
+            due = max(0.0, deadlines.kill_overdue() - time.monotonic())
             timeout = due if timeout is None else min(timeout, due)
         seen = set(buffered)
         for ch, _ in self._poller.wait(timeout):
             if ch not in seen:
                 buffered.append(ch)
-        if self._deadlines:
-            self._kill_overdue()
+        if deadlines:
+            deadlines.kill_overdue()
         return buffered
-
-    def _kill_overdue(self):
-        """Kill the children past their ``task_timeout``; return the next deadline (inf if
-        none). Their channels then end, and :meth:`_judge` reports the timeout."""
-        now = time.monotonic()
-        for channel, deadline in list(self._deadlines.items()):
-            if deadline <= now:
-                del self._deadlines[channel]
-                self._timed_out[channel.pid] = self._names.get(channel, "a task")
-                try:
-                    os.kill(channel.pid, signal.SIGKILL)   # our unreaped child: its pid
-                except ProcessLookupError:
-                    pass
-        return min(self._deadlines.values(), default=float("inf"))
 
     # -- the work queue ------------------------------------------------------------
     def _live(self):
@@ -285,78 +267,13 @@ class Exchange:
         if self._waiting:
             _callable, args, kwargs, tag = self._waiting.popleft()
             self._tags[channel] = tag
-            if self.task_timeout is not None and channel in self._names:
-                self._deadlines[channel] = time.monotonic() + self.task_timeout
+            if self._deadlines is not None:
+                self._deadlines.new_job(channel)
             channel.send((args, kwargs))
         else:
-            self._deadlines.pop(channel, None)   # told to stop: it exits on its own
+            if self._deadlines is not None:
+                self._deadlines.stopping(channel)
             channel.send(None)
-
-    def _ended(self, channel):
-        """The child closed its channel: remove it, reporting a child that failed silently.
-
-        Never waits for the child to exit: if its exit status is not known yet,
-        it stays in ``_unreaped`` and is judged when a later call reaps it.
-        """
-        delivered = self._channels.get(channel, 0)
-        failed = channel in self._failed
-        tag = self._tags.get(channel)
-        self.remove(channel)   # with autoclose, reaps it if it has exited already
-        reapable = channel.pid > 0 and channel._reapable
-        status = channel.wait(os.WNOHANG) if reapable else None
-        if status is None and reapable:
-            # Still running (or not yet a zombie): reap it later, and judge it then
-            # unless its failure was raised already.
-            self._unreaped[channel.pid] = channel
-            if not failed:
-                self._unjudged[channel.pid] = (channel, delivered, tag)
-        else:
-            if reapable:
-                self._unreaped.pop(channel.pid, None)   # remove() may have listed it
-            if not failed:
-                self._judge(channel, delivered, tag, status)
-
-    def _judge(self, channel, delivered, tag, status):
-        """Report through store_died a child that ended abnormally or without a result."""
-        abnormal = status is not None and status != 0
-        if delivered and not abnormal:
-            return
-        if self._tasks is not None:
-            err = channel.ended_error()
-        else:
-            err = self._child_error(channel, delivered, status)
-        self._tags[channel] = tag
-        try:
-            self.store_died(channel, err)
-        finally:
-            self._tags.pop(channel, None)
-
-    def _child_error(self, channel, delivered, status):
-        name = self._timed_out.pop(channel.pid, None)
-        if name is not None:
-            return TaskTimeout("%s ran longer than its task_timeout of %g seconds; its child "
-                               "process %d was killed" % (name, self.task_timeout, channel.pid),
-                               name, self.task_timeout)
-        why = describe_status(status) if status is not None else "exit status unknown"
-        what = "without sending a result" if not delivered else "abnormally"
-        return ChannelBroken("child process %d ended %s (%s)" % (channel.pid, what, why),
-                             channel.pid, status)
-
-    def _reap(self):
-        """Reap (without waiting) the children that have exited; judge those whose
-        channel ended before their exit status was known. Returns how many were reaped."""
-        reaped = 0
-        for pid, channel in list(self._unreaped.items()):
-            status = channel.wait(os.WNOHANG)
-            if status is None:
-                continue
-            del self._unreaped[pid]
-            reaped += 1
-            unjudged = self._unjudged.pop(pid, None)
-            if unjudged is not None:
-                _, delivered, tag = unjudged
-                self._judge(channel, delivered, tag, status)   # may raise: the rest wait
-        return reaped
 
     def _start_waiting(self):
         while self._waiting and not self.busy():
@@ -372,10 +289,8 @@ class Exchange:
             channel = self._tasks.submit_sending(fn, args, kwargs)
         self._tags[channel] = tag
         self.add(channel)
-        if self.task_timeout is not None:
-            inner = getattr(fn, "callable", fn)   # MakeParallel's function
-            self._names[channel] = getattr(inner, "__qualname__", None) or repr(inner)
-            self._deadlines[channel] = time.monotonic() + self.task_timeout
+        if self._deadlines is not None:
+            self._deadlines.started(channel, fn)
 
     def _tick(self):
         """One more item taken by iteration: move the progress bar."""

@@ -50,7 +50,7 @@ from ._calls import call_blob, load_pickler, pickling_failed
 from ._completion import FutureType, broken_copy, fail
 from ._lifecycle import lifecycle_options
 from ._loop import ExchangeLoop
-from ._map_chunks import auto_chunksize, chunked, submit_chunk
+from ._map_chunks import auto_chunksize, check_map_options, chunked, submit_chunk
 from ._map_results import map_results
 from ._protocol import Kind
 from ._shared import Shared, WorkItem
@@ -323,20 +323,7 @@ class ForkExchangeExecutor(Executor):
         task_timeout = check_timeout(task_timeout, "task_timeout") if per_call else \
             self._task_timeout
         total = _known_length(iterables) if bar_file is not None else None
-        if buffersize is not None:
-            if not isinstance(buffersize, int):
-                raise TypeError("buffersize must be an integer or None, not %r" % (buffersize,))
-            if buffersize < 1:
-                raise ValueError("buffersize must be None or > 0")
-        if not isinstance(chunksize, int):
-            raise TypeError("chunksize must be an integer, not %r" % (chunksize,))
-        if chunksize < 1:
-            raise ValueError("chunksize must be >= 1.")
-        try:
-            end_time = None if timeout is None else timeout + time.monotonic()
-        except TypeError:
-            raise TypeError("timeout must be a number of seconds or None, not %r"
-                            % (timeout,)) from None
+        end_time = check_map_options(timeout, chunksize, buffersize)
         star = len(iterables) != 1   # one iterable: items go as they are, not as 1-tuples
         args = zip(*iterables) if star else iter(iterables[0])
         via_submit = self._submit_is_replaced()
