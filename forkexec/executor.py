@@ -247,20 +247,7 @@ class ForkExchangeExecutor(Executor):
     # -- the Executor API ------------------------------------------------------------
     def submit(self, fn, /, *args, **kwargs):
         """Schedule ``fn(*args, **kwargs)``; returns a ``concurrent.futures.Future``."""
-        self._check_usable()
-        if self._shared.thread is None:
-            self._ensure_started()
-        future = FutureType()
-        try:
-            blob = call_blob(fn, args, kwargs, self._pickler)
-        except KeyboardInterrupt:
-            raise
-        except BaseException as exc:  # noqa: B902 - reported through the future
-            future.set_exception(pickling_failed(fn, args, kwargs, exc, self._pickler))
-            return future
-        self._enqueue(WorkItem(future, self._new_id(), Kind.CALL, blob, fn, 1,
-                               self._task_timeout))
-        return future
+        return self._submit_call(fn, args, kwargs, self._task_timeout)
 
     def submit_task(self, fn, /, args=(), kwargs=None, *, timeout=_POOL_DEFAULT):
         """Schedule ``fn(*args, **kwargs)`` with its own limit of ``timeout`` seconds of
