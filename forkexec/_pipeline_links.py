@@ -21,7 +21,7 @@ import time
 
 from . import _pipeline_records as rec
 from .channel import encode_for_send
-from .errors import ProtocolError
+from .errors import ChannelBroken, ProtocolError
 from .exchange import Poller
 from .wire import encode, loads
 
@@ -167,7 +167,9 @@ class Links:
     def _flush(self, ch):
         try:
             return ch.flush_nowait()
-        except OSError as exc:    # ChannelBroken is an EOFError
+        except ChannelBroken as exc:
+            if ch in self.inputs:
+                return True     # credits for a sender that ended and left: its END tells
             raise PeerGone(str(exc)) from exc
 
     def wait(self, timeout=None):

@@ -1,0 +1,184 @@
+"""Pipeline benchmark: one three-stage pipeline through forkexec.pipeline and its peers.
+
+    python benchmarks/bench_pipeline.py [--quick] [--json PATH]
+
+The pipeline: a producer of N items, a transform stage with 2 workers, and a
+consumer (the calling process, iterating). The peers, in one run:
+
+* ``forkexec``  - ``forkexec.pipeline`` (``producer`` -> ``map(workers=2)`` -> iterate);
+* ``pypeln``    - pypeln's process stages (``from_iterable`` -> ``map(workers=2)``),
+                  skipped with a line saying so when pypeln is not installed;
+* ``mp.Queue``  - the seed's pattern written plainly: a producer Process, two
+                  transform Processes and the parent, on ``multiprocessing.Queue``s
+                  (bounded like the others) with one end-of-stream sentinel per worker.
+
+Items: tiny (small ints, the transform adds 1) and 1 MiB (``bytes``, passed
+through). Each figure is the best of a few rounds, in items per second; the
+ratios are forkexec's throughput over the peer's. Last, forkexec's parent RSS
+while it consumes 10 million items slowly (the consumer does a little work per
+item, so the stages run ahead until ``maxsize`` stops them): it must stay flat.
+The numbers are information: no test asserts them.
+"""
+
+import argparse
+import importlib.util
+import json
+import multiprocessing
+import os
+import resource
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from forkexec import pipeline  # noqa: E402
+
+MAXSIZE = 256
+MIB = 1 << 20
+_END = "__end_of_stream__"   # the seed's sentinel, made unambiguous for the benchmark
+
+
+def produce_ints(n):
+    yield from range(n)
+
+
+def produce_blobs(n):
+    blob = b"x" * MIB
+    for _ in range(n):
+        yield blob
+
+
+def add_one(x):
+    return x + 1
+
+
+def same(x):
+    return x
+
+
+# -- the peers: each returns the number of items the consumer saw --------------------
+
+def run_forkexec(produce, transform, n):
+    stage = pipeline.map(transform, pipeline.producer(produce, n, maxsize=MAXSIZE),
+                         workers=2, maxsize=MAXSIZE)
+    count = 0
+    for _ in stage:
+        count += 1
+    return count
+
+
+def run_pypeln(produce, transform, n):
+    import pypeln
+    stage = pypeln.process.map(transform, produce(n), workers=2, maxsize=MAXSIZE)
+    count = 0
+    for _ in stage:
+        count += 1
+    return count
+
+
+def _mp_producer(produce, n, out, consumers):
+    for item in produce(n):
+        out.put(item)
+    for _ in range(consumers):
+        out.put(_END)
+
+
+def _mp_transform(transform, inq, out):
+    for item in iter(inq.get, _END):
+        out.put(transform(item))
+    out.put(_END)
+
+
+def run_mp_queue(produce, transform, n):
+    ctx = multiprocessing.get_context("fork")
+    q1, q2 = ctx.Queue(MAXSIZE), ctx.Queue(MAXSIZE)
+    procs = [ctx.Process(target=_mp_producer, args=(produce, n, q1, 2))]
+    procs += [ctx.Process(target=_mp_transform, args=(transform, q1, q2)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    count, ended = 0, 0
+    while ended < 2:
+        for _ in iter(q2.get, _END):
+            count += 1
+        ended += 1
+    for p in procs:
+        p.join()
+    return count
+
+
+PEERS = [("forkexec", run_forkexec, None), ("pypeln", run_pypeln, "pypeln"),
+         ("mp.Queue", run_mp_queue, None)]
+
+
+def best_rate(run, produce, transform, n, rounds):
+    best = 0.0
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        got = run(produce, transform, n)
+        elapsed = time.perf_counter() - t0
+        if got != n:
+            raise AssertionError("%s: the consumer saw %d of %d items" % (run.__name__, got, n))
+        best = max(best, n / elapsed)
+    return best
+
+
+def rss_mib():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def rss_run(n, samples=10):
+    """Parent RSS (MiB) at each tenth of ``n`` items consumed slowly through forkexec."""
+    stage = pipeline.map(add_one, pipeline.producer(produce_ints, n, maxsize=MAXSIZE),
+                         workers=2, maxsize=MAXSIZE)
+    marks, step = [], max(1, n // samples)
+    slow = 0
+    for i, x in enumerate(stage, 1):
+        for _ in range(3):      # the slow consumer
+            slow += x
+        if i % step == 0:
+            marks.append(round(rss_mib(), 1))
+    return marks
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer items, one round")
+    parser.add_argument("--json", help="write the results to this file")
+    args = parser.parse_args()
+    rounds = 1 if args.quick else 3
+    workloads = [("tiny items", produce_ints, add_one, 50_000 if args.quick else 300_000),
+                 ("1 MiB items", produce_blobs, same, 100 if args.quick else 1000)]
+    rss_items = 1_000_000 if args.quick else 10_000_000
+    print("python %s, %d CPUs; pipeline: producer -> transform (2 workers) -> consumer "
+          "(the parent); maxsize %d" % (sys.version.split()[0], os.cpu_count(), MAXSIZE))
+    results = {}
+    for label, produce, transform, n in workloads:
+        rates = {}
+        for name, run, module in PEERS:
+            if module and importlib.util.find_spec(module) is None:
+                print("  %s: skipped, %s is not installed (pip install %s)"
+                      % (name, module, module))
+                continue
+            rates[name] = best_rate(run, produce, transform, n, rounds)
+        results[label] = {"items": n, "items_per_s": rates}
+        print("\n%s (%d items): items/s, and forkexec's throughput over the peer's" % (label, n))
+        for name, rate in rates.items():
+            ratio = rates["forkexec"] / rate
+            print("  %-10s %14.0f   %6.2fx" % (name, rate, ratio))
+    before = rss_mib()
+    marks = rss_run(rss_items)
+    results["rss"] = {"items": rss_items, "before_mib": before, "marks_mib": marks}
+    print("\nforkexec parent RSS over %d items, slow consumer (MiB): before %.1f, at each "
+          "tenth %s; peak %s" % (rss_items, before, marks,
+                                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
