@@ -22,7 +22,7 @@ import time
 
 from . import _fork
 from . import _pipeline_records as rec
-from ._pipeline_links import Links
+from ._pipeline_links import Links, PeerGone
 from ._pipeline_stage import PRODUCER, serve, in_order
 from .channel import Channel
 from .errors import StageDied, add_note, describe_status
@@ -191,7 +191,11 @@ class Run:
         source = self.links.items()
         if self.ordered:
             source = in_order(source, self._release, self.window)
-        yield from source
+        try:
+            yield from source
+        except PeerGone:    # a last-stage process left: its control channel says why
+            self.links.wait_for_control_eof()
+            raise StageDied("a stage process closed its channel and exited cleanly")
         self.stop(EXIT_GRACE)
 
     def wait_sinks(self):

@@ -102,7 +102,7 @@ def _positive(what, value):
 
 
 def _name(fn):
-    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+    return getattr(fn, "__name__", None) or repr(fn)
 
 
 def _is_generator_function(fn):
@@ -278,6 +278,8 @@ class Pipeline:
         return self
 
     def __next__(self):
+        if not self._stop.alive:
+            raise StopIteration
         try:
             return next(self._items)
         except BaseException:   # the end, a stage's failure, or Ctrl-C: stop everything
