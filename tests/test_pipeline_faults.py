@@ -334,11 +334,11 @@ def test_chained_maxsize_holds_ahead_of_a_stalled_consumer():
 
 
 def test_memory_stays_bounded_with_an_endless_producer_and_a_slow_consumer():
-    big = b"x" * (1 << 20)
+    big = bytearray(1 << 20)
 
     def blobs():
         while True:
-            yield big
+            yield bytes(big)    # a new 1 MiB object each time
 
     def rss_kib(pid):
         with open("/proc/%d/status" % pid) as f:
