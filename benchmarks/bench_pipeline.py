@@ -13,7 +13,8 @@ consumer (the calling process, iterating). The peers, in one run:
                   (bounded like the others) with one end-of-stream sentinel per worker.
 
 Items: tiny (small ints, the transform adds 1) and 1 MiB (``bytes``, passed
-through). Each figure is the best of a few rounds, in items per second; the
+through). Each figure is the best of 5 rounds (the peers take turns in each
+round, so that a busy moment falls on all of them), in items per second; the
 ratios are forkexec's throughput over the peer's. Last, forkexec's parent RSS
 while it consumes 10 million items slowly (the consumer does a little work per
 item, so the stages run ahead until ``maxsize`` stops them): it must stay flat.
@@ -113,15 +114,19 @@ PEERS = [("forkexec", run_forkexec, None), ("pypeln", run_pypeln, "pypeln"),
 FEWER = {"pypeln": 0.05}
 
 
-def best_rate(run, produce, transform, n, rounds):
-    best = 0.0
+def rates(peers, produce, transform, counts, rounds):
+    """Best items/s of each peer over ``rounds`` rounds, the peers interleaved in each round
+    so that a busy moment on the machine does not fall on one peer only."""
+    best = {name: 0.0 for name, _ in peers}
     for _ in range(rounds):
-        t0 = time.perf_counter()
-        got = run(produce, transform, n)
-        elapsed = time.perf_counter() - t0
-        if got != n:
-            raise AssertionError("%s: the consumer saw %d of %d items" % (run.__name__, got, n))
-        best = max(best, n / elapsed)
+        for name, run in peers:
+            n = counts[name]
+            t0 = time.perf_counter()
+            got = run(produce, transform, n)
+            elapsed = time.perf_counter() - t0
+            if got != n:
+                raise AssertionError("%s: the consumer saw %d of %d items" % (name, got, n))
+            best[name] = max(best[name], n / elapsed)
     return best
 
 
@@ -152,7 +157,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer items, one round")
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args()
-    rounds = 1 if args.quick else 3
+    rounds = 1 if args.quick else 5
     workloads = [("tiny items", produce_ints, add_one, 50_000 if args.quick else 300_000),
                  ("1 MiB items", produce_blobs, same, 100 if args.quick else 1000)]
     rss_items = 1_000_000 if args.quick else 10_000_000
@@ -160,18 +165,19 @@ def main():
           "(the parent); maxsize %d" % (sys.version.split()[0], os.cpu_count(), MAXSIZE))
     results = {}
     for label, produce, transform, n in workloads:
-        rates, counts = {}, {}
+        peers, counts = [], {}
         for name, run, module in PEERS:
             if module and importlib.util.find_spec(module) is None:
                 print("  %s: skipped, %s is not installed (pip install %s)"
                       % (name, module, module))
                 continue
+            peers.append((name, run))
             counts[name] = max(1, int(n * FEWER.get(name, 1)))
-            rates[name] = best_rate(run, produce, transform, counts[name], rounds)
-        results[label] = {"items": counts, "items_per_s": rates}
+        best = rates(peers, produce, transform, counts, rounds)
+        results[label] = {"items": counts, "items_per_s": best}
         print("\n%s: items/s, and forkexec's throughput over the peer's" % label)
-        for name, rate in rates.items():
-            ratio = rates["forkexec"] / rate
+        for name, rate in best.items():
+            ratio = best["forkexec"] / rate
             print("  %-10s %14.0f   %6.2fx   (%d items)" % (name, rate, ratio, counts[name]))
     before = rss_mib()
     marks = rss_run(rss_items)

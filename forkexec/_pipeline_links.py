@@ -12,8 +12,9 @@ and a stopped or dead parent is noticed at the next wait.
 Flow control: each output channel starts with ``window`` credits (items); the
 receiver gives them back as its stage takes the items. Items are batched: a
 batch is shipped when it fills the credit of its channel (or ``MAX_BATCH``), when
-it has been open ``LINGER`` seconds, when items come slowly, or when the process
-is about to wait.
+it has been open ``LINGER`` seconds, when items come slowly, when it holds
+``BATCH_BYTES`` of large ``bytes``, or when the process is about to wait. Large
+``bytes`` travel out of band (:mod:`forkexec.wire`), without a copy into the pickle.
 """
 
 import collections
@@ -23,12 +24,16 @@ from . import _pipeline_records as rec
 from .channel import encode_for_send
 from .errors import ChannelBroken, ProtocolError
 from .exchange import Poller
-from .wire import encode, loads
+from .wire import OUT_OF_BAND_MIN, _OutOfBand, encode, loads
 
 #: The most items in one ITEMS frame.
 MAX_BATCH = 4096
 #: A batch open this long, or an item that came this long after the previous one, is shipped.
 LINGER = 0.001
+#: A batch holding this many bytes of large ``bytes``/``bytearray`` items is shipped, so that
+#: large items stream one by one instead of waiting for each other.
+BATCH_BYTES = 1 << 20
+_BLOBS = frozenset((bytes, bytearray))
 
 _INPUT, _OUTPUT, _CONTROL = range(3)
 
@@ -82,6 +87,7 @@ class Links:
         self._cur = 0                            # the output the open batch goes to
         self._room = min(out_window, MAX_BATCH) if outputs else 0
         self._since = self._last = 0.0
+        self._blob_bytes = 0                     # large bytes in the open batch
 
     # -- input ---------------------------------------------------------------
     def items(self):
@@ -111,10 +117,15 @@ class Links:
     # -- output --------------------------------------------------------------
     def put(self, item):
         """Send one item downstream (batched; waits while no output has credit)."""
+        if type(item) in _BLOBS and len(item) >= OUT_OF_BAND_MIN:
+            item = _OutOfBand(item)     # out of band: not copied into the batch's pickle
+            self._blob_bytes += len(item.data)
         batch = self._batch
         if not batch:
-            while not self._room:
+            # No credit, or the socket is still full: running ahead of it only piles up memory.
+            while not self._room or self.outputs[self._cur] in self._writing:
                 self.wait()
+                self._choose(self._cur)
             batch.append(item)
             now = self._since = time.monotonic()
             slow = now - self._last >= LINGER
@@ -123,25 +134,34 @@ class Links:
             now = time.monotonic()
             slow = now - self._last >= LINGER or now - self._since >= LINGER
         self._last = now
-        if slow or len(batch) >= self._room:
+        if slow or len(batch) >= self._room or self._blob_bytes >= BATCH_BYTES:
             self._ship()
 
     def _ship(self):
         batch, o = self._batch, self._cur
         self._batch = []
+        self._blob_bytes = 0
         self._credit[o] -= len(batch)
         self._queue(self.outputs[o], _encode_batch(batch))
         self._choose(o + 1)
 
     def _choose(self, start):
-        """Point the next batch at the first output from ``start`` (round robin) with credit."""
+        """Point the next batch at the first output from ``start`` (round robin) with credit,
+        one whose socket is not full if there is one."""
         n = len(self.outputs)
+        chosen = None
         for k in range(n):
             o = (start + k) % n
             if self._credit[o] > 0:
-                self._cur, self._room = o, min(self._credit[o], MAX_BATCH)
-                return
-        self._room = 0
+                if self.outputs[o] not in self._writing:
+                    chosen = o
+                    break
+                if chosen is None:
+                    chosen = o
+        if chosen is None:
+            self._room = 0
+        else:
+            self._cur, self._room = chosen, min(self._credit[chosen], MAX_BATCH)
 
     def finish(self):
         """Ship the last batch and END on every output, and wait until all is written."""

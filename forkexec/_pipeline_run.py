@@ -25,8 +25,11 @@ from . import _pipeline_records as rec
 from ._pipeline_links import Links, PeerGone
 from ._pipeline_stage import PRODUCER, serve, in_order
 from .channel import Channel
-from .errors import StageDied, add_note, describe_status
+from .errors import ChannelBroken, ProtocolError, StageDied, add_note, describe_status
 
+#: Send buffer of each channel: a large item goes in few writes and wake-ups (Linux caps
+#: it at net.core.wmem_max).
+SOCKET_BUFFER = 2 << 20
 #: Seconds the stage processes get to stop by themselves before SIGKILL.
 STOP_GRACE = 0.3
 #: Seconds finished stage processes get to exit.
@@ -35,12 +38,18 @@ EXIT_GRACE = 10.0
 STATUS_WAIT = 2.0
 
 
-def _exited(pid):
-    """True once ``pid`` has exited (it stays unreaped: its process group stays valid)."""
+def _peek(pid):
+    """(exited, raw wait status or None) of a child, without reaping it, so that its
+    process group stays valid for killpg."""
     try:
-        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-    except ChildProcessError:
-        return True
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:    # reaped by someone else: the status is lost
+        return True, None
+    if info is None:
+        return False, None
+    if info.si_code == os.CLD_EXITED:
+        return True, (info.si_status & 0xff) << 8
+    return True, info.si_status & 0x7f
 
 
 Proc = collections.namedtuple("Proc", "stage index pid")
@@ -53,6 +62,13 @@ class _Spec:
         self.window = window
         self.control = None
         self.ins, self.in_windows, self.outs = [], [], []
+
+
+def _close_all_but(socks, keep):
+    keep = set(map(id, keep))
+    for sock in socks:
+        if id(sock) not in keep:
+            sock.close()
 
 
 class Run:
@@ -82,6 +98,8 @@ class Run:
         def pair():
             a, b = socket.socketpair()
             socks.extend((a, b))
+            for sock in (a, b):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
             return a, b
 
         feeds = {stages.index(src): si for si, stage in enumerate(stages)
@@ -114,9 +132,7 @@ class Run:
             self._kill_and_reap(0)
             raise
         finally:
-            for sock in socks:
-                if not any(sock is k for k in kept):
-                    sock.close()
+            _close_all_but(socks, kept)
         return ([Channel(0, s) for s in parent_ins],
                 [Channel(proc.pid, s) for proc, s in zip(self.procs, parent_controls)])
 
@@ -130,10 +146,7 @@ class Run:
             return pid
         try:
             os.setpgid(0, 0)
-            keep = [spec.control] + spec.ins + spec.outs
-            for sock in socks:
-                if not any(sock is k for k in keep):
-                    sock.close()
+            _close_all_but(socks, [spec.control] + spec.ins + spec.outs)
             serve(stage, index, Channel(0, spec.control), [Channel(0, s) for s in spec.ins],
                   spec.in_windows, [Channel(0, s) for s in spec.outs], spec.window,
                   self.ordered, self.window)
@@ -155,22 +168,18 @@ class Run:
         elif kind == rec.RELEASED:   # from an ordered consumer stage to the producer
             self._release(record[1])
         else:
-            raise StageDied("unexpected %s from %s" % (rec.describe(record), self._describe(i)))
+            raise ProtocolError("unexpected %s from %s" % (rec.describe(record),
+                                                           self._describe(i)))
 
     def _on_control_eof(self, i):
         if i in self.done:
             return
         pid = self.procs[i].pid
         deadline = time.monotonic() + STATUS_WAIT
-        while not _exited(pid) and time.monotonic() < deadline:
+        exited, status = _peek(pid)
+        while not exited and time.monotonic() < deadline:
             time.sleep(0.001)
-        status = None
-        try:
-            info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-            if info is not None:
-                status = _raw_status(info)
-        except ChildProcessError:
-            pass
+            exited, status = _peek(pid)
         how = describe_status(status)
         if status is not None and os.WIFEXITED(status):
             how += " before finishing its work (sys.exit or os._exit in the stage?)"
@@ -182,7 +191,7 @@ class Run:
             if proc.stage.kind == PRODUCER and not self.links.controls[i].at_eof:
                 try:
                     self.links.controls[i].send((rec.RELEASED, seq))
-                except OSError:
+                except ChannelBroken:
                     pass    # it finished or died: its EOF tells which
 
     # -- consuming -----------------------------------------------------------
@@ -220,24 +229,19 @@ class Run:
     def _kill_and_reap(self, grace):
         deadline = time.monotonic() + grace
         running = [p.pid for p in self.procs]
-        while running and time.monotonic() < deadline:
-            running = [pid for pid in running if not _exited(pid)]
-            if running:
-                time.sleep(0.002)
-        for p in self.procs:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)   # its leftover children too
-            except OSError:
-                pass
-        for p in self.procs:
-            try:
-                os.waitpid(p.pid, 0)
-            except ChildProcessError:
-                pass
-
-
-def _raw_status(info):
-    """A waitpid-style raw status from a ``waitid`` result."""
-    if info.si_code == os.CLD_EXITED:
-        return (info.si_status & 0xff) << 8
-    return info.si_status & 0x7f
+        try:
+            while running and time.monotonic() < deadline:
+                running = [pid for pid in running if not _peek(pid)[0]]
+                if running:
+                    time.sleep(0.002)
+        finally:    # a second Ctrl-C while waiting must not leave them running
+            for p in self.procs:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)   # its leftover children too
+                except OSError:
+                    pass
+            for p in self.procs:
+                try:
+                    os.waitpid(p.pid, 0)
+                except ChildProcessError:
+                    pass

@@ -53,7 +53,8 @@ def serve(stage, index, control, inputs, in_windows, outputs, out_window, ordere
             result = _with_setup(stage, links, ordered, window, released)
             links.finish()
         except PeerGone:
-            links.wait_for_control_eof()   # the parent stops us (raises Stopped)
+            links.wait_for_control_eof()   # the parent finds out why and stops us
+            raise Stopped() from None
         _report(control, (rec.DONE, result))
     except Stopped:
         pass
