@@ -69,13 +69,13 @@ class Links:
     def __init__(self, inputs, in_windows, outputs, out_window, controls,
                  on_control, on_control_eof):
         self._poller = Poller()
+        self._events = {}                        # channel -> the events it is registered for
         self.inputs, self.outputs, self.controls = inputs, outputs, controls
-        for role, channels in ((_INPUT, inputs), (_OUTPUT, outputs), (_CONTROL, controls)):
-            for i, ch in enumerate(channels):
-                self._poller.register(ch, Poller.READ, (role, i))
         self._on_control, self._on_control_eof = on_control, on_control_eof
         # input side
         self._ready = collections.deque()        # (input index, batch) received, not taken
+        self._read_ahead = 2 * max(1, len(inputs))   # batches; beyond, input waits in sockets
+        self._reading = True
         self._ended = [False] * len(inputs)
         self.open_inputs = len(inputs)
         self._owed = [0] * len(inputs)           # credits taken but not yet given back
@@ -88,6 +88,9 @@ class Links:
         self._room = min(out_window, MAX_BATCH) if outputs else 0
         self._since = self._last = 0.0
         self._blob_bytes = 0                     # large bytes in the open batch
+        for role, channels in ((_INPUT, inputs), (_OUTPUT, outputs), (_CONTROL, controls)):
+            for i, ch in enumerate(channels):
+                self._update(ch, role, i)
 
     # -- input ---------------------------------------------------------------
     def items(self):
@@ -178,11 +181,30 @@ class Links:
         ch.queue(buffers)
         if ch not in self._writing and not self._flush(ch):
             self._writing.add(ch)
-            self._poller.modify(ch, Poller.READ | Poller.WRITE, self._key(ch))
+            if ch in self.inputs:
+                self._update(ch, _INPUT, self.inputs.index(ch))
+            else:
+                self._update(ch, _OUTPUT, self.outputs.index(ch))
 
-    def _key(self, ch):
-        return (_INPUT, self.inputs.index(ch)) if ch in self.inputs else (
-            _OUTPUT, self.outputs.index(ch))
+    def _update(self, ch, role, i):
+        """(Re-)register ``ch`` for what we want from it now."""
+        events = Poller.WRITE if ch in self._writing else 0
+        if role != _INPUT or (self._reading and not self._ended[i]):
+            events |= Poller.READ
+        if role == _CONTROL and ch.at_eof:
+            events = 0
+        old = self._events.get(ch, 0)
+        if events == old:
+            return
+        if not events:
+            self._poller.unregister(ch)
+            del self._events[ch]
+        elif old:
+            self._poller.modify(ch, events, (role, i))
+        else:
+            self._poller.register(ch, events, (role, i))
+        if events:
+            self._events[ch] = events
 
     def _flush(self, ch):
         try:
@@ -200,6 +222,11 @@ class Links:
             if owed and not self._ended[i]:
                 self._owed[i] = 0
                 self._queue(self.inputs[i], encode((rec.CREDIT, owed)))
+        reading = len(self._ready) < self._read_ahead
+        if reading != self._reading:
+            self._reading = reading
+            for j, ch in enumerate(self.inputs):
+                self._update(ch, _INPUT, j)
         for (role, i), events in self._poller.wait(timeout):
             if role == _CONTROL:
                 self._read_control(i)
@@ -207,13 +234,9 @@ class Links:
             ch = self.inputs[i] if role == _INPUT else self.outputs[i]
             if events & Poller.WRITE and self._flush(ch):
                 self._writing.discard(ch)
-                self._poller.modify(ch, Poller.READ, (role, i))
+                self._update(ch, role, i)
             if events & Poller.READ:
                 self._read(role, i, ch)
-
-    def poll(self):
-        """Handle what has already arrived, without waiting."""
-        self.wait(0)
 
     def _read(self, role, i, ch):
         more = ch.read_nowait()
@@ -229,8 +252,8 @@ class Links:
             elif kind == rec.END and role == _INPUT:
                 self._ended[i] = True
                 self.open_inputs -= 1
-                self._poller.unregister(ch)
                 self._writing.discard(ch)
+                self._update(ch, role, i)
                 return
             else:
                 raise ProtocolError("unexpected %s on a pipeline data channel"
@@ -244,13 +267,14 @@ class Links:
         for frame in ch.pop_frames():
             self._on_control(i, loads(frame))
         if not more:
-            self._poller.unregister(ch)
+            self._update(ch, _CONTROL, i)
             self._on_control_eof(i)
 
     def wait_for_control_eof(self):
         """Wait until every control channel has reached EOF (ignoring data channels)."""
         for ch in self.inputs + self.outputs:
             self._poller.unregister(ch)
+            self._events.pop(ch, None)
         self._writing.clear()
         while any(not ch.at_eof for ch in self.controls):
             for (_, i), _events in self._poller.wait():

