@@ -82,7 +82,7 @@ class Links:
         self._give_at = [max(1, w // 2) for w in in_windows]
         # output side
         self._credit = [out_window] * len(outputs)
-        self._writing = set()                    # outputs registered for WRITE too
+        self._writing = set()                    # channels with output not yet written
         self._batch = []
         self._cur = 0                            # the output the open batch goes to
         self._room = min(out_window, MAX_BATCH) if outputs else 0
@@ -113,9 +113,6 @@ class Links:
             self._queue(self.inputs[i], encode((rec.CREDIT, owed)))
             owed = 0
         self._owed[i] = owed
-
-    def has_ready(self):
-        return bool(self._ready)
 
     # -- output --------------------------------------------------------------
     def put(self, item):
