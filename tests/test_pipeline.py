@@ -6,6 +6,7 @@ descriptor left behind fails it.
 """
 
 import collections
+import multiprocessing
 import os
 import time
 
@@ -50,31 +51,83 @@ def test_iterating_a_stage_yields_every_item():
     assert sorted(stage) == sorted(cons_prod(prod(1000)))
 
 
-class SeedProducer:
-    """The seed's classes reduced to what they describe: a target, args, kwargs."""
-
-    def __init__(self, target, args=(), kwargs=None):
-        self.target, self.args, self.kwargs = target, args, kwargs
+# The seed's classes, as the seed wrote them (on multiprocessing, None as the sentinel).
+_mp = multiprocessing.get_context("fork")
 
 
-def test_the_seed_program_shape_runs_with_few_changes(tmp_path):
-    # The seed wires ProducerProcess -> Queue -> ConsumerProducerProcess x2 -> Queue ->
-    # ConsumerProcess, with None sentinels counted by hand. Ours: the same three target
-    # functions, one call per process class, no queues and no sentinels.
-    out = tmp_path / "final.txt"
+class ProducerProcess(_mp.Process):
+    def __init__(self, group=None, target=None, name=None, args=None, kwargs=None,
+                 output_queue=None, consumers=0):
+        super().__init__(name=name)
+        self.target, self.args, self.kwargs = target, args or [], kwargs or {}
+        self.output_queue, self.consumers = output_queue, consumers
 
-    def final_disposition(source, path):
-        with open(path, "w") as f:
-            for item in source:
-                f.write("%d\n" % item)
+    def run(self):
+        for item in self.target(*self.args, **self.kwargs):
+            self.output_queue.put(item)
+        for _ in range(self.consumers):
+            self.output_queue.put(None)
+        self.output_queue.close()
 
-    producer = pl.producer(prod, 0, 50, name="ProducerProcess")
-    middle = pl.consumer_producer(cons_prod, producer, workers=2,
-                                  name="ConsumerProducerProcess")
-    consumer = pl.consumer(final_disposition, middle, name="ConsumerProcess",
-                           kwargs={"path": str(out)})
-    assert consumer.run() == [None]
-    assert sorted(int(x) for x in out.read_text().split()) == [3 * i for i in range(50)]
+
+class ConsumerProducerProcess(_mp.Process):
+    def __init__(self, group=None, target=None, name=None, kwargs=None, input_queue=None,
+                 producers=0, output_queue=None, consumers=0):
+        super().__init__(name=name)
+        self.target, self.kwargs = target, kwargs or {}
+        self.input_queue, self.producers = input_queue, producers
+        self.output_queue, self.consumers = output_queue, consumers
+
+    def items(self):
+        while self.producers != 0:
+            for item in iter(self.input_queue.get, None):
+                yield item
+            self.producers -= 1
+
+    def run(self):
+        for item in self.target(self.items(), **self.kwargs):
+            self.output_queue.put(item)
+        for _ in range(self.consumers):
+            self.output_queue.put(None)
+        self.output_queue.close()
+
+
+class ConsumerProcess(ConsumerProducerProcess):
+    def run(self):
+        self.target(self.items(), **self.kwargs)
+
+
+def final_disposition(source, path):
+    with open(path, "w") as f:
+        for item in source:
+            f.write("%d\n" % item)
+
+
+def test_the_seed_program_runs_with_few_changes(tmp_path):
+    seed_out, our_out = str(tmp_path / "seed.txt"), str(tmp_path / "ours.txt")
+    # The seed's program: two queues, four processes, sentinels counted by hand.
+    q1, q2 = _mp.Queue(), _mp.Queue()
+    procs = [ProducerProcess(target=prod, args=(0, 50), output_queue=q1, consumers=2)]
+    procs += [ConsumerProducerProcess(target=cons_prod, input_queue=q1, producers=1,
+                                      output_queue=q2, consumers=1) for _ in range(2)]
+    procs.append(ConsumerProcess(target=final_disposition, kwargs={"path": seed_out},
+                                 input_queue=q2, producers=2))
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(30)
+    q1.close()
+    q2.close()
+    # The same program on ours: one call per process class, no queues, no sentinels.
+    source = pl.producer(prod, 0, 50)
+    middle = pl.consumer_producer(cons_prod, source, workers=2)
+    assert pl.consumer(final_disposition, middle, kwargs={"path": our_out}).run() == [None]
+
+    def lines(path):
+        with open(path) as f:
+            return sorted(f.read().split(), key=int)
+
+    assert lines(our_out) == lines(seed_out) == [str(3 * i) for i in range(50)]
 
 
 def test_none_and_every_kind_of_value_are_items():
