@@ -69,6 +69,15 @@ def test_an_exception_at_item_10_with_maxsize_4_and_4_workers_raises_within_a_se
     assert "pid " in note
 
 
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_the_exception_is_raised_every_time(workers):
+    for _ in range(5):
+        with pytest.raises(Boom):
+            list(pl.map(fail_at_10, pl.producer(forever, maxsize=4), workers=workers,
+                        maxsize=4))
+        assert none_left()
+
+
 def test_an_exception_in_a_middle_stage_reaches_a_consumer_stage():
     counted = pl.consumer(sum, pl.map(lambda x: x, pl.map(fail_at_10, pl.producer(
         forever, maxsize=4), workers=2, maxsize=4), workers=2, maxsize=4))
