@@ -232,6 +232,26 @@ def test_setup_and_teardown_once_per_worker_and_extra_keyword_arguments(tmp_path
     assert all((tmp_path / name).read_text() == "open closed" for name in conns)
 
 
+def test_items_between_stages_do_not_pass_through_the_parent():
+    # The parent keeps one control channel per stage process, its epoll descriptor, and
+    # (only when it consumes) one channel from each worker of the last stage: no end of a
+    # channel between two stages.
+    def parent_fds(source):
+        for _ in source:
+            pass
+        return len(os.listdir("/proc/%d/fd" % os.getppid()))
+
+    before = len(os.listdir("/proc/self/fd")) - 1    # less the one listing them
+    middle = pl.map(abs, pl.producer(prod, 1000), workers=3)
+    assert pl.consumer(parent_fds, middle).run() == [before + (1 + 3 + 1) + 1]   # + epoll
+
+    def last_stage_sees_parent_fds(x):
+        return len(os.listdir("/proc/%d/fd" % os.getppid()))
+
+    counts = set(pl.map(last_stage_sees_parent_fds, middle, workers=2))
+    assert counts == {before + (1 + 3 + 2) + 1 + 2}
+
+
 def test_a_stage_description_runs_again():
     stage = pl.map(lambda x: x * 2, pl.producer(prod, 50), workers=2)
     assert sorted(stage) == sorted(stage) == [2 * i for i in range(50)]

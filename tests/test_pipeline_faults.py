@@ -215,6 +215,22 @@ def test_break_stops_every_stage_and_leaves_nothing():
     assert none_left()
 
 
+def test_a_stage_process_s_own_children_are_stopped_with_it():
+    def spawn(x):
+        return subprocess.Popen(["sleep", "60"]).pid   # never waited for by the stage
+
+    for grandchild in pl.map(spawn, pl.producer(forever, maxsize=2), maxsize=2):
+        break
+    # SIGKILLed with its stage's process group, it was re-parented to this (subreaper)
+    # process; it must die at once, not after its 60 s.
+    deadline = time.monotonic() + 5
+    while _not_zombie(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not _not_zombie(grandchild)
+    reap_orphans()
+    assert none_left()
+
+
 def test_close_and_the_context_manager_stop_everything():
     it = pl.iterate(pl.map(abs, pl.producer(forever), workers=2))
     next(it)
