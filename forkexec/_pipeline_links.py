@@ -88,6 +88,7 @@ class Links:
         self._room = min(out_window, MAX_BATCH) if outputs else 0
         self._since = self._last = 0.0
         self._blob_bytes = 0                     # large bytes in the open batch
+        self._finishing = False                  # END is queued on every output
         for role, channels in ((_INPUT, inputs), (_OUTPUT, outputs), (_CONTROL, controls)):
             for i, ch in enumerate(channels):
                 self._update(ch, role, i)
@@ -168,6 +169,7 @@ class Links:
         if self._batch:
             self._ship()
         end = encode((rec.END,))
+        self._finishing = True
         for ch in self.outputs:
             self._queue(ch, end)
         while self._writing:
@@ -256,6 +258,13 @@ class Links:
                 raise ProtocolError("unexpected %s on a pipeline data channel"
                                     % rec.describe(record))
         if not more:
+            if role == _OUTPUT and self._finishing:
+                # A receiver that took our END may leave while we still write to others; one
+                # that left without it died, and the parent finds that out.
+                self._writing.discard(ch)
+                self._poller.unregister(ch)
+                self._events.pop(ch, None)
+                return
             raise PeerGone("a neighbouring stage process closed its channel")
 
     def _read_control(self, i):

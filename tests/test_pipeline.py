@@ -260,6 +260,24 @@ def test_items_between_stages_do_not_pass_through_the_parent():
     assert counts == {before + (1 + 3 + 2) + 1 + 2}
 
 
+@pytest.mark.timeout(30)
+def test_a_receiver_that_ends_first_does_not_stop_the_sender_finishing_the_others():
+    # The producer ends while its write to the slow worker is still pending; the fast
+    # worker takes its END and exits meanwhile. (That EOF once read as a dead neighbour,
+    # and the pipeline hung.)
+    def blobs():
+        for i in range(24):
+            yield bytes([i]) * (256 << 10)
+
+    def uneven(blob):
+        if pl.worker().index == 0:
+            time.sleep(0.02)
+        return blob[0]
+
+    stage = pl.map(uneven, pl.producer(blobs, maxsize=64), workers=2, maxsize=64)
+    assert sorted(stage) == list(range(24))
+
+
 def test_a_stage_description_runs_again():
     stage = pl.map(lambda x: x * 2, pl.producer(prod, 50), workers=2)
     assert sorted(stage) == sorted(stage) == [2 * i for i in range(50)]
