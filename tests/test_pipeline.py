@@ -152,8 +152,6 @@ def test_ordered_keeps_the_producers_order_across_fan_out():
 
 
 def test_ordered_through_filter_and_flat_map_and_an_ordered_consumer_stage():
-    seen = []
-
     def record(source):
         return list(source)
 
@@ -163,7 +161,6 @@ def test_ordered_through_filter_and_flat_map_and_an_ordered_consumer_stage():
     expected = [y for x in range(0, 300, 2) for y in (x, -x)]
     assert list(pl.iterate(pairs, ordered=True)) == expected
     assert pl.consumer(record, pairs).run(ordered=True) == [expected]
-    assert seen == []
 
 
 def test_map_filter_flat_map_each():
