@@ -6,8 +6,9 @@ The pipeline: a producer of N items, a transform stage with 2 workers, and a
 consumer (the calling process, iterating). The peers, in one run:
 
 * ``forkexec``  - ``forkexec.pipeline`` (``producer`` -> ``map(workers=2)`` -> iterate);
-* ``pypeln``    - pypeln's process stages (``from_iterable`` -> ``map(workers=2)``),
-                  skipped with a line saying so when pypeln is not installed;
+* ``pypeln``    - pypeln's process stages (``pypeln.process.map(workers=2)`` over the
+                  producer's generator), skipped with a line saying so when pypeln is
+                  not installed;
 * ``mp.Queue``  - the seed's pattern written plainly: a producer Process, two
                   transform Processes and the parent, on ``multiprocessing.Queue``s
                   (bounded like the others) with one end-of-stream sentinel per worker.
@@ -15,8 +16,8 @@ consumer (the calling process, iterating). The peers, in one run:
 Items: tiny (small ints, the transform adds 1) and 1 MiB (``bytes``, passed
 through). Each figure is the best of 5 rounds, each run in a fresh interpreter
 (the peers take turns in each round, so that a busy moment falls on all of
-them), in items per second; the
-ratios are forkexec's throughput over the peer's. Last, forkexec's parent RSS
+them), in items per second; the ratios are forkexec's throughput over the
+peer's. Last, forkexec's parent RSS
 while it consumes 10 million items slowly (the consumer does a little work per
 item, so the stages run ahead until ``maxsize`` stops them): it must stay flat.
 The numbers are information: no test asserts them.
