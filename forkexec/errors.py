@@ -202,3 +202,19 @@ def _qualname(cls):
     module = getattr(cls, "__module__", "")
     name = getattr(cls, "__qualname__", cls.__name__)
     return name if module in ("builtins", "__main__", None, "") else "%s.%s" % (module, name)
+
+
+class StageDied(RuntimeError):
+    """A process of a pipeline stage died (a signal, ``os._exit``, ``sys.exit``) before
+    finishing its stage. ``stage`` is the stage's name, ``pid`` the process id and
+    ``status`` the raw wait status (``None`` if it could not be read)."""
+
+    def __init__(self, message, stage=None, pid=0, status=None):
+        super().__init__(message)
+        self.stage = stage
+        self.pid = pid
+        self.status = status
+
+    @property
+    def exitcode(self):
+        return exitcode_from_status(self.status)
