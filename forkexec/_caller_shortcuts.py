@@ -99,14 +99,26 @@ def helped_wait(loop, worker, future, timeout):
             return 0.0
         worker.watched = READING
         fd = worker.channel.fileno()
-    deadline = started + budget
+    try:
+        _read_reply(loop, worker, future, fd, started + budget)
+    except BaseException:   # a Ctrl-C while waiting: the exchange thread reads on
+        with lock:
+            if worker.watched == READING:
+                reclaim(loop, worker)
+        loop.shared.wake()
+        raise
+    return time.monotonic() - started
+
+
+def _read_reply(loop, worker, future, fd, deadline):
+    lock = loop.shared.loop_lock
     while True:
         readable = _wait_readable(fd, max(0.0, deadline - time.monotonic()))
         with lock:
             channel = worker.channel
             if channel.closed or loop.shared.closed:   # it died and was closed meanwhile
                 reclaim(loop, worker)
-                break
+                return
             if readable:
                 channel.read_nowait()
                 loop.take_messages(worker)
@@ -114,5 +126,4 @@ def helped_wait(loop, worker, future, timeout):
                 reclaim(loop, worker)
                 if loop.shared.pending and loop.shared.sleeping:
                     loop.shared.wake()   # work the worker may take now
-                break
-    return time.monotonic() - started
+                return

@@ -207,3 +207,24 @@ def test_round_trips_beside_a_running_map_all_complete():
         assert not mapper.is_alive()
     assert trips == list(range(300))
     assert mapped == [i * i for i in range(20000)]
+
+
+def test_an_interrupted_wait_leaves_the_reply_to_the_exchange_thread():
+    """A Ctrl-C while result() reads the reply itself: the program may go on using the
+    pool, and the interrupted future still completes."""
+    import signal
+    with ForkExchangeExecutor(2) as ex:
+        warm(ex)
+        future = ex.submit(h.sleep_and_return, 0.5, "late")
+        timer = threading.Timer(0.002, signal.raise_signal, (signal.SIGINT,))
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            timer.start()
+            with pytest.raises(KeyboardInterrupt):
+                future.result(timeout=PROMPTLY)
+        finally:
+            timer.cancel()
+            signal.signal(signal.SIGINT, previous)
+        assert _by_wait(future) == "late"
+        assert [ex.submit(h.square, i).result(timeout=PROMPTLY) for i in range(4)] == \
+            [0, 1, 4, 9]
