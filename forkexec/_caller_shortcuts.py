@@ -6,10 +6,10 @@ each wake-up is a thread switch costing as much as the work. While the exchange
 thread sleeps in poll it holds no state, so a caller holding ``loop_lock`` may
 act for it:
 
-* :func:`hand_off`: ``submit`` sends the queue to an idle worker itself. When
-  that is a single task, the worker is *lent* to the task's future: its
-  descriptor leaves the exchange thread's poll set first, so the reply wakes
-  nobody.
+* :func:`hand_off`: ``submit`` on a quiet pool (nothing running) sends the queue
+  to an idle worker itself. When that is a single task, the worker is *lent* to
+  the task's future: its descriptor leaves the exchange thread's poll set first,
+  so the reply wakes nobody.
 * :func:`helped_wait`: ``result()``/``exception()`` on that future read the
   lent worker's reply in the calling thread, for at most ``HELP_SECONDS``.
 
@@ -38,8 +38,10 @@ def hand_off(loop):
     """Called with ``loop_lock`` held: send queued work to an idle worker now. True when
     nothing is left that needs the exchange thread awake; False: wake it."""
     shared = loop.shared
-    if not shared.sleeping or shared.broken is not None or shared.shutdown or \
-            shared.kill_signal is not None or shared.cancel_requested:
+    # Only on a quiet pool (nothing running): a burst of submits is better batched by the
+    # exchange thread than sent one by one, each send paying a process switch here.
+    if shared.running or not shared.sleeping or shared.broken is not None or \
+            shared.shutdown or shared.kill_signal is not None or shared.cancel_requested:
         return False
     if not any(not w.tasks and loop.scheduler.accepts(w) for w in loop.table):
         return False
