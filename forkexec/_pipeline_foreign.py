@@ -59,8 +59,8 @@ def run_chunk(job, items):
 
 
 def _take(source, size):
-    """(up to ``size`` items of ``source``, whether it ended); fewer once the first
-    taken is CHUNK_AGE old."""
+    """(up to ``size`` items of ``source``, whether it ended); fewer when an item comes
+    CHUNK_AGE or more after the first."""
     chunk = []
     deadline = None
     while len(chunk) < size:
