@@ -154,7 +154,10 @@ class Run:
                 while not ended and len(pending) < in_flight:
                     chunk, ended = _take(source, size)
                     if chunk:
-                        future = self.executor.submit(run_chunk, job, chunk)
+                        try:    # Dask pickles at submit: an unpicklable function fails here
+                            future = self.executor.submit(run_chunk, job, chunk)
+                        except Exception as exc:
+                            raise self._noted(exc, stage, self._where())
                         pending.append(future)
                         if not self.ordered:
                             future.add_done_callback(completed.put)
