@@ -38,6 +38,10 @@ producer's. *Parent*: forks and supervises (:mod:`forkexec._pipeline_run`);
 when it is the consumer it also reads the last stage's items. An exception in a
 stage, a dead stage process, ``close()``, ``break``, dropping the iterator or
 Ctrl-C stops every process of the pipeline.
+
+With ``executor=`` (:func:`iterate`, :func:`run`) there are no stage processes:
+this process drives the pipeline and the item-wise stages run on the executor
+(:mod:`forkexec._pipeline_foreign`).
 """
 
 import inspect
