@@ -184,10 +184,7 @@ class Tasks:
     """The calls an exchange submitted to ``executor``, and the order they complete in."""
 
     def __init__(self, executor):
-        if not callable(getattr(executor, "submit", None)):
-            raise TypeError("executor must be a concurrent.futures.Executor (an object with "
-                            "a submit method), not %r" % (executor,))
-        self.executor = executor
+        self.executor = check_executor(executor)
         # Handles whose future is done, put by done callbacks (any thread), taken by ready().
         self._completed = queue.SimpleQueue()
         self._done = []              # handles taken from _completed that may hold messages
@@ -225,6 +222,14 @@ class Tasks:
     def _take(self, handle):
         handle.done = True
         self._done.append(handle)
+
+
+def check_executor(executor):
+    """``executor``, or a TypeError if it cannot be one."""
+    if not callable(getattr(executor, "submit", None)):
+        raise TypeError("executor must be a concurrent.futures.Executor (an object with "
+                        "a submit method), not %r" % (executor,))
+    return executor
 
 
 def _name(fn):

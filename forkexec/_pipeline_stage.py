@@ -77,14 +77,20 @@ def _report(control, record):
         pass    # the parent is gone: nobody to tell
 
 
-def _with_setup(stage, links, ordered, window, released):
-    extra = stage.setup() if stage.setup is not None else None
+def setup_kwargs(name, setup):
+    """The extra keyword arguments that the set-up of stage ``name`` returns (None: {})."""
+    extra = setup() if setup is not None else None
     if extra is None:
-        extra = {}
-    elif not isinstance(extra, dict):
+        return {}
+    if not isinstance(extra, dict):
         raise TypeError("setup of pipeline stage %r must return a dict of keyword arguments "
                         "for the stage function, or None; it returned %s"
-                        % (stage.name, type(extra).__name__))
+                        % (name, type(extra).__name__))
+    return extra
+
+
+def _with_setup(stage, links, ordered, window, released):
+    extra = setup_kwargs(stage.name, stage.setup)
     try:
         fn = stage.fn
         kwargs = dict(stage.kwargs, **extra)
@@ -103,7 +109,7 @@ def _with_setup(stage, links, ordered, window, released):
         elif ordered and stage.kind != EACH:   # an ordered sink's source yields values
             _itemwise_ordered(stage.kind, fn, source, links.put)
         else:
-            _itemwise(stage.kind, fn, source, links.put)
+            itemwise(stage.kind, fn, source, links.put)
         return None
     finally:
         if stage.teardown is not None:
@@ -127,7 +133,7 @@ def _produce(generator, links, ordered, window, released):
     return None
 
 
-def _itemwise(kind, fn, source, put):
+def itemwise(kind, fn, source, put):
     if kind == MAP:
         _drain(map(fn, source), put)
     elif kind == FILTER:

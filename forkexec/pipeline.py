@@ -38,12 +38,17 @@ producer's. *Parent*: forks and supervises (:mod:`forkexec._pipeline_run`);
 when it is the consumer it also reads the last stage's items. An exception in a
 stage, a dead stage process, ``close()``, ``break``, dropping the iterator or
 Ctrl-C stops every process of the pipeline.
+
+With ``executor=`` (:func:`iterate`, :func:`run`) there are no stage processes:
+this process drives the pipeline and the item-wise stages run on the executor
+(:mod:`forkexec._pipeline_foreign`).
 """
 
 import inspect
 import weakref
 
 from . import _fork
+from . import _pipeline_foreign
 from . import _pipeline_stage as _st
 from ._pipeline_run import Run
 from .errors import StageDied
@@ -88,9 +93,9 @@ class Stage:
     def __iter__(self):
         return iterate(self)
 
-    def run(self, *, ordered=False):
+    def run(self, *, ordered=False, executor=None):
         """Run the pipeline ending in this consumer stage; see :func:`run`."""
-        return run(self, ordered=ordered)
+        return run(self, ordered=ordered, executor=executor)
 
 
 def _positive(what, value):
@@ -233,23 +238,32 @@ def _graph(last, ordered):
     return order
 
 
-def iterate(stage, *, ordered=False):
+def _start(stages, to_parent, ordered, executor):
+    if executor is None:
+        return Run(stages, to_parent, ordered)
+    return _pipeline_foreign.Run(stages, executor, ordered)
+
+
+def iterate(stage, *, ordered=False, executor=None):
     """Start the pipeline ending in ``stage`` and return a :class:`Pipeline` iterator over
-    its items in this process (in the producer's order if ``ordered``)."""
+    its items in this process (in the producer's order if ``ordered``). With ``executor``
+    (any ``concurrent.futures.Executor``) the item-wise stages run on it, driven from
+    this process (see the README, "When one machine is not enough")."""
     stages = _graph(stage, ordered)
     if stage.kind in _st.SINKS:
         raise ValueError("stage %r is a consumer: run() it instead of iterating" % stage.name)
-    return Pipeline(Run(stages, True, ordered))
+    return Pipeline(_start(stages, True, ordered, executor))
 
 
-def run(stage, *, ordered=False):
+def run(stage, *, ordered=False, executor=None):
     """Run the pipeline ending in the consumer ``stage`` to its end; returns the list of
-    what each of its workers returned. Raises what a stage raised."""
+    what each of its workers returned. Raises what a stage raised. ``executor`` as for
+    :func:`iterate`."""
     stages = _graph(stage, ordered)
     if stage.kind not in _st.SINKS:
         raise ValueError("stage %r is not a consumer: iterate it, or end the pipeline with "
                          "consumer() or each()" % stage.name)
-    running = Run(stages, False, ordered)
+    running = _start(stages, False, ordered, executor)
     try:
         return running.wait_sinks()
     finally:
