@@ -66,6 +66,11 @@ class FastFuture(Future):
             self._release_helper()
         return self._state in (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
 
+    def running(self):
+        if self._helper is not None:   # polled for, as done()
+            self._release_helper()
+        return self._state == RUNNING
+
     def result(self, timeout=None):
         if self._state == FINISHED and self._exception is None:
             return self._result

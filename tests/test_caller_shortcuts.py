@@ -76,6 +76,16 @@ def _by_polling_done(future):
     return future.result(timeout=0)
 
 
+def _by_polling_running(future):
+    """Polls running() alone (the state is read, not asked for, until the task ran)."""
+    from concurrent.futures._base import PENDING
+    deadline = time.monotonic() + PROMPTLY
+    while future.running() or future._state == PENDING:
+        assert time.monotonic() < deadline, "running() never became false"
+        time.sleep(0.001)
+    return future.result(timeout=0)
+
+
 def _by_asyncio(future):
     async def main():
         return await asyncio.wait_for(asyncio.wrap_future(future), PROMPTLY)
@@ -93,8 +103,8 @@ def _by_shutdown(future, ex):
     return future.result(timeout=0)
 
 
-WAYS = [_by_wait, _by_as_completed, _by_callback, _by_polling_done, _by_asyncio,
-        _by_exception]
+WAYS = [_by_wait, _by_as_completed, _by_callback, _by_polling_done, _by_polling_running,
+        _by_asyncio, _by_exception]
 
 
 @pytest.mark.parametrize("kind", KINDS)
