@@ -21,6 +21,12 @@ TIMEOUT = 60
 #: A line of stderr that reports an exception (a traceback's last line, or a REPL's
 #: SyntaxError, which has no "Traceback" header).
 ERROR_LINE = re.compile(r"^\s*(\w+\.)*\w*(Error|Exception|Interrupt|Exit)\b.*$", re.MULTILINE)
+#: Dask's own INFO record, with a traceback, of a comm it found closed while its in-process
+#: cluster shut down (seen with distributed 2024.8 on Python 3.9, now and then): noise of the
+#: cluster's teardown, not a failure of the README's code, which had finished.
+DASK_TEARDOWN_NOISE = re.compile(
+    r"[\d-]{10} [\d:,]+ - distributed\.[\w.]+ - INFO - [^\n]*\n(?:[^\n]*\n)*?"
+    r"distributed\.comm\.core\.CommClosedError\n")
 
 
 def python_blocks(path=README):
@@ -58,7 +64,8 @@ def run(args, tmp_path, stdin=None):
 
 
 def check(proc, how, code):
-    failed = "Traceback" in proc.stderr or ERROR_LINE.search(proc.stderr)
+    stderr = DASK_TEARDOWN_NOISE.sub("", proc.stderr)
+    failed = "Traceback" in stderr or ERROR_LINE.search(stderr)
     assert proc.returncode == 0 and not failed, (
         "README block failed %s (exit code %s)\n--- code\n%s--- stdout\n%s--- stderr\n%s"
         % (how, proc.returncode, code, proc.stdout, proc.stderr))
