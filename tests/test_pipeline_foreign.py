@@ -5,34 +5,13 @@ import concurrent.futures
 
 import pytest
 
-from forkexec import ForkExchangeExecutor
 from forkexec import pipeline as pl
 from foreign_cases import Counting
 from pipeline_foreign_cases import *  # noqa: F401,F403  (the shared test bodies)
+# The executors: threads and ours, and ours losing workers one at a time.
+from test_foreign import death_cause, dying_executor, executor  # noqa: F401
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(params=["threads", "forkexec"])
-def executor(request):
-    if request.param == "threads":
-        ex = concurrent.futures.ThreadPoolExecutor(2)
-    else:
-        ex = ForkExchangeExecutor(2)
-    with ex:
-        yield ex
-
-
-@pytest.fixture
-def dying_executor():
-    """Workers that die alone: only the chunk a dead worker was running fails."""
-    with ForkExchangeExecutor(2, on_worker_death="replace") as ex:
-        yield ex
-
-
-@pytest.fixture
-def death_cause():
-    return "NoneType"     # ForkExchangeExecutor's WorkerDiedError is passed on as it is
 
 
 @pytest.mark.parametrize("bad", [3, "executor"])
