@@ -13,18 +13,24 @@ act for it:
 * :func:`helped_wait`: ``result()``/``exception()`` on that future read the
   lent worker's reply in the calling thread, for at most ``HELP_SECONDS``.
 
-A lent worker goes back to the exchange thread (:func:`reclaim`) when the reader
-is done, when anything else could wait on the future (a condition, a callback,
-``done()``: :meth:`FastFuture._release_helper` wakes the exchange thread), and
-whenever the exchange thread wakes for any reason, so a reply nobody reads is
-never stranded. Deaths, control records and every other worker stay with the
-exchange thread, which never waits for a caller while holding the lock.
+A lent worker goes back to the exchange thread (:func:`reclaim`) when anything
+else could wait on the future (a condition, a callback, ``done()``:
+:meth:`FastFuture._release_helper` wakes the exchange thread), and whenever the
+exchange thread wakes for any reason, so a reply nobody reads is never stranded.
+When the reader is done with a plain reply, the idle worker *rests*: it stays out
+of the poll set (lent, to no future), so the next round trip sends to it and reads
+from it without two ``epoll_ctl`` calls; the thread takes it back when it wakes.
+Deaths (the template's exit reports), control records and every other worker stay
+with the exchange thread, which never waits for a caller while holding the lock.
 """
 
 import threading
 import time
+from concurrent.futures._base import FINISHED
 from concurrent.futures.process import BrokenProcessPool
 
+from ._completion import ABANDONED, start_running
+from ._scheduler import GIVE_BACK_FACTOR, GIVE_BACK_MIN
 from .channel import _wait_readable
 from .exchange import Poller
 
@@ -43,9 +49,14 @@ def hand_off(loop):
     if shared.running or not shared.sleeping or shared.broken is not None or \
             shared.shutdown or shared.kill_signal is not None or shared.cancel_requested:
         return False
-    if not any(not w.tasks and loop.scheduler.accepts(w) for w in loop.table):
-        return False
+    pending = shared.pending
     try:
+        if len(pending) == 1 and loop.lent:
+            worker = _resting(loop)
+            if worker is not None and _send_to_resting(loop, worker, pending):
+                return not loop.control.busy and not worker.writing
+        if not any(not w.tasks and loop.scheduler.accepts(w) for w in loop.table):
+            return False
         loop.dispatch(lend=_lend)
     except BaseException as exc:  # noqa: B902 - even a Ctrl-C: no item may be lost
         loop.break_pool(BrokenProcessPool(
@@ -56,9 +67,40 @@ def hand_off(loop):
         not any(w.writing for w in loop.table)
 
 
+def _resting(loop):
+    """A resting worker that can take a task now, or None."""
+    for worker in loop.lent:
+        if worker.lent_to is None and worker.watched == LENT and not worker.tasks and \
+                not worker.retiring and not worker.writing and not worker.channel.closed \
+                and not worker.channel.at_eof and \
+                (worker.budget is None or worker.budget > 0):
+            return worker
+    return None
+
+
+def _send_to_resting(loop, worker, pending):
+    """Send the one queued item to the resting ``worker`` (what :meth:`ExchangeLoop.dispatch`
+    would do for it, without planning). False: leave the item to the general path."""
+    item = pending[0]
+    if getattr(item.future, ABANDONED, False):
+        return False
+    pending.popleft()
+    loop.in_hand = [item]   # so an internal error still fails it
+    batch = start_running(loop.in_hand)
+    if batch:
+        estimate = item.estimate = loop.scheduler.costs.estimate(item)
+        worker.lent_to = item.future
+        item.future._helper = (loop, worker)
+        loop.send_batch(worker, batch, None if estimate is None else
+                        max(GIVE_BACK_MIN, GIVE_BACK_FACTOR * estimate))
+    loop.in_hand = []
+    return True
+
+
 def _lend(loop, worker, item):
     """Before ``item`` (alone in its batch) is sent to the idle ``worker``."""
-    loop.poller.unregister(worker.channel.fileno())
+    if worker.watched is None:   # a resting worker is out of the poll set already
+        loop.poller.unregister(worker.channel.fileno())
     worker.watched = LENT
     worker.lent_to = item.future
     loop.lent.add(worker)
@@ -114,8 +156,10 @@ def helped_wait(loop, worker, future, timeout):
 
 def _read_reply(loop, worker, future, fd, deadline):
     lock = loop.shared.loop_lock
-    while True:
-        readable = _wait_readable(fd, max(0.0, deadline - time.monotonic()))
+    readable = True   # look first: the reply is often there already (the worker ran
+    while True:       # while this thread was sending)
+        if not readable:
+            readable = _wait_readable(fd, max(0.0, deadline - time.monotonic()))
         with lock:
             channel = worker.channel
             if channel.closed or loop.shared.closed:   # it died and was closed meanwhile
@@ -124,8 +168,21 @@ def _read_reply(loop, worker, future, fd, deadline):
             if readable:
                 channel.read_nowait()
                 loop.take_messages(worker)
-            if future.done() or channel.at_eof or time.monotonic() >= deadline:
-                reclaim(loop, worker)
+            if future._state == FINISHED or channel.at_eof or time.monotonic() >= deadline:
+                _rest_or_reclaim(loop, worker)
                 if loop.shared.pending and loop.shared.sleeping:
                     loop.shared.wake()   # work the worker may take now
                 return
+        readable = False
+
+
+def _rest_or_reclaim(loop, worker):
+    """The reader is done: an idle worker with nothing to report rests (stays out of the
+    poll set, see the module's docstring); any other goes back to the exchange thread."""
+    channel = worker.channel
+    if worker.tasks or worker.retiring or worker.writing or channel.at_eof or \
+            channel.has_message() or loop.control.busy:
+        reclaim(loop, worker)
+    else:
+        worker.watched = LENT
+        worker.lent_to = None

@@ -92,8 +92,7 @@ class FastFuture(Future):
         of ``timeout``."""
         loop, worker = self._helper
         self._helper = None   # once: past its moment the exchange thread reads as usual
-        from ._caller_shortcuts import helped_wait
-        spent = helped_wait(loop, worker, self, timeout)
+        spent = loop.helped_wait(worker, self, timeout)
         return None if timeout is None else max(0.0, timeout - spent)
 
     def _release_helper(self):

@@ -19,7 +19,7 @@ import traceback
 from concurrent.futures.process import BrokenProcessPool
 
 from . import _fork
-from ._caller_shortcuts import hand_off, reclaim, reclaim_all
+from ._caller_shortcuts import hand_off, helped_wait, reclaim, reclaim_all
 from ._completion import ABANDONED, FAST, cancel, fail, requeue, settle_results, start_running
 from ._death_policy import DeathPolicy
 from ._protocol import Batch, InitFailed, Results, Retiring, WorkerError
@@ -92,6 +92,10 @@ class ExchangeLoop:
 
     def _after_fork_in_child(self):
         self.poller.close()
+
+    def helped_wait(self, worker, future, timeout):
+        """``result()`` on a future handed to ``worker``: see _caller_shortcuts."""
+        return helped_wait(self, worker, future, timeout)
 
     def run(self):
         # Everything but the poll runs under loop_lock, so that while this thread sleeps

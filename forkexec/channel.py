@@ -26,7 +26,9 @@ IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024
 EXIT_GRACE = 2.0
 #: A write to a dead peer must be an error, not a SIGPIPE (which a program may
 #: have set to kill it).
-SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
+SEND_FLAGS = int(getattr(socket, "MSG_NOSIGNAL", 0))   # plain ints: enum arithmetic is slow
+SEND_NOWAIT = SEND_FLAGS | int(socket.MSG_DONTWAIT)
+RECV_NOWAIT = int(socket.MSG_DONTWAIT)
 #: send_many joins the frames of a batch smaller than this into one buffer.
 JOIN_BATCH_BELOW = 1 << 20
 
@@ -208,8 +210,11 @@ class Channel:
         self._check_open()
         out = self._out
         try:
+            if len(out) == 1:   # the common case: one small frame
+                sent = self._sock.send(out[0], SEND_NOWAIT)
+                out = [] if sent == len(out[0]) else _advance(out, sent)
             while out:
-                sent = self._sock.sendmsg(out[:IOV_MAX], (), SEND_FLAGS | socket.MSG_DONTWAIT)
+                sent = self._sock.sendmsg(out[:IOV_MAX], (), SEND_NOWAIT)
                 out = _advance(out, sent)
         except BlockingIOError:
             pass
@@ -221,7 +226,7 @@ class Channel:
 
     # -- receiving -----------------------------------------------------------
     def _read_once(self, flags):
-        """One recv into the decoder; returns False at EOF."""
+        """One recv into the decoder; returns the bytes read, 0 at EOF."""
         decoder = self._decoder
         target = decoder.read_target()
         wanted = len(target)
@@ -235,13 +240,13 @@ class Channel:
             self._eof = True
             if self._watcher is not None:
                 self._watcher.add(self)
-            return False
+            return 0
         # A short read drained the socket: the next recv would only fail with EAGAIN.
         self._drained = n < wanted
         decoder.commit(n)
         if self._watcher is not None and decoder.has_frames():
             self._watcher.add(self)
-        return True
+        return n
 
     def report_buffered_to(self, watcher):
         """Add this channel to the set ``watcher`` whenever a read leaves a message
@@ -260,10 +265,10 @@ class Channel:
         got = 0
         try:
             while got < limit and not self._eof:
-                before = self._decoder.buffered()
-                if not self._read_once(socket.MSG_DONTWAIT) or self._drained:
+                n = self._read_once(RECV_NOWAIT)
+                if not n or self._drained:
                     break
-                got += max(1, self._decoder.buffered() - before)
+                got += n
         except BlockingIOError:
             pass
         return not self._eof

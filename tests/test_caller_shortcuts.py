@@ -160,6 +160,63 @@ def test_a_worker_dying_while_lent_is_replaced_under_the_replace_policy():
             assert ex.submit(h.square, 5).result(timeout=PROMPTLY) == 25
 
 
+def _kill_and_wait(pid):
+    """SIGKILL ``pid`` and wait until it is reaped (by its parent) and so gone."""
+    import signal
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + PROMPTLY
+    while os.path.exists("/proc/%d" % pid):
+        assert time.monotonic() < deadline, "killed worker %d never went away" % pid
+        time.sleep(0.01)
+    time.sleep(0.2)   # the pool has noticed by now (the standard one polls its sentinels)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_worker_killed_while_resting_between_round_trips_breaks_the_pool(executors, kind):
+    """After a round trip the idle worker rests out of the exchange thread's poll set:
+    its death is still noticed, as the standard executor notices it."""
+    ex = executors(kind, 1)
+    pid = ex.submit(h.getpid).result(timeout=PROMPTLY)
+    _kill_and_wait(pid)
+    with pytest.raises(BrokenProcessPool):
+        ex.submit(h.square, 3).result(timeout=PROMPTLY)
+
+
+def test_a_worker_killed_while_resting_is_replaced_under_the_replace_policy():
+    with ForkExchangeExecutor(1, on_worker_death="replace") as ex:
+        for _ in range(3):
+            pid = ex.submit(h.getpid).result(timeout=PROMPTLY)
+            _kill_and_wait(pid)
+            assert [ex.submit(h.square, i).result(timeout=PROMPTLY) for i in range(20)] == \
+                [i * i for i in range(20)]
+            assert ex.submit(h.getpid).result(timeout=PROMPTLY) != pid
+
+
+def test_a_worker_killed_just_before_a_round_trip_sends_to_it_fails_only_that_task():
+    """The kill and the next send race (the exit report may come after the send): the
+    task is never lost or run twice; under ``replace`` the pool goes on."""
+    import signal
+    with ForkExchangeExecutor(1, on_worker_death="replace") as ex:
+        for _ in range(5):
+            pid = ex.submit(h.getpid).result(timeout=PROMPTLY)
+            os.kill(pid, signal.SIGKILL)
+            try:   # the task either ran on a new worker, or was lost with the old one
+                assert ex.submit(h.square, 6).result(timeout=PROMPTLY) == 36
+            except BrokenProcessPool as exc:
+                assert str(pid) in str(exc)
+            assert ex.submit(h.square, 7).result(timeout=PROMPTLY) == 49
+
+
+def test_round_trips_under_max_tasks_per_child_each_get_a_fresh_worker():
+    """A worker that retires after its task never rests: the next round trip goes to its
+    replacement."""
+    with ForkExchangeExecutor(1, max_tasks_per_child=1) as ex:
+        pids = [ex.submit(h.getpid).result(timeout=PROMPTLY) for _ in range(6)]
+        assert [ex.submit(h.square, i).result(timeout=PROMPTLY) for i in range(6)] == \
+            [i * i for i in range(6)]
+    assert len(set(pids)) == 6, pids
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_callback_added_to_a_handed_off_future_runs_once(executors, kind):
     ex = executors(kind, 2)
