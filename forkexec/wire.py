@@ -56,6 +56,10 @@ OUT_OF_BAND_MIN = 1 << 16
 JOIN_BELOW = 1 << 14
 #: The reusable read buffer; frames larger than this get a buffer of their own.
 READ_CHUNK = 1 << 18
+#: The read buffer starts this small and doubles up to READ_CHUNK as it fills: a
+#: process that only exchanges small messages never touches more (a fresh worker
+#: would pay about 64 page faults to zero 256 KiB it may never use).
+FIRST_CHUNK = 1 << 12
 #: A large frame's buffer (an anonymous mmap: no zero-fill, and it grows by
 #: mremap without copying) starts at this size and doubles as data arrives, so a
 #: garbled length never allocates much more than twice what was really sent.
@@ -175,7 +179,7 @@ class Decoder:
 
     def __init__(self, max_frame=DEFAULT_MAX_FRAME):
         self.max_frame = max_frame
-        self._buf = bytearray(READ_CHUNK)
+        self._buf = bytearray(FIRST_CHUNK)
         self._start = 0
         self._end = 0
         self._frames = collections.deque()
@@ -194,8 +198,10 @@ class Decoder:
             if filled == len(data):  # grow: double, never past the declared size
                 data.resize(min(body, 2 * len(data)))
             return memoryview(data)[filled:]
-        if self._end == len(self._buf):
+        if self._end == len(self._buf):   # the last read filled it: more is coming
             self._compact()
+            if len(self._buf) < READ_CHUNK:
+                self._grow(2 * len(self._buf))
         return memoryview(self._buf)[self._end:]
 
     def commit(self, n):
@@ -257,6 +263,18 @@ class Decoder:
             self._buf[: end - start] = self._buf[start:end]
             self._start, self._end = 0, end - start
 
+    def _grow(self, size):
+        size = min(size, READ_CHUNK)
+        if size > len(self._buf):
+            self._buf.extend(bytes(size - len(self._buf)))
+
+    def _make_room(self, size):
+        """Let the frame at ``_start`` (``size`` bytes, at most READ_CHUNK) fit."""
+        if size > len(self._buf) - self._start:
+            self._compact()
+            if size > len(self._buf):
+                self._grow(max(size, 2 * len(self._buf)))
+
     def _parse(self):
         count = len(self._frames)
         try:
@@ -306,8 +324,7 @@ class Decoder:
                 "wire protocol corruption?" % (nbuf, MAX_BUFFERS))
         hsize = HEADER.size + LENGTH.size * nbuf
         if avail < hsize:
-            if hsize > len(buf) - start:
-                self._compact()
+            self._make_room(hsize)   # the table of lengths fits in READ_CHUNK
             return False
         lens = struct.unpack_from("<%dQ" % nbuf, buf, start + HEADER.size) if nbuf else ()
         body = plen + sum(lens)
@@ -319,9 +336,8 @@ class Decoder:
             self._frames.append(_split_copy(buf, first, plen, lens))
             self._start = first + body
             return True
-        if hsize + body <= len(buf):
-            if hsize + body > len(buf) - start:
-                self._compact()
+        if hsize + body <= READ_CHUNK:
+            self._make_room(hsize + body)
             return False
         # Too big for the read buffer: move what we have into a buffer of its own.
         have = avail - hsize
