@@ -176,7 +176,9 @@ small_objects = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner,
                                                                  max_size=4),
     max_leaves=20)
-objects = small_objects | st.sampled_from([b"b" * BIG, bytearray(b"c" * BIG)])
+#: Frames between the read buffer's first size and READ_CHUNK make it grow on the way.
+MID_SIZED = [b"m" * (3 * wire.FIRST_CHUNK), "t" * (wire.READ_CHUNK // 3), list(range(30000))]
+objects = small_objects | st.sampled_from([b"b" * BIG, bytearray(b"c" * BIG)] + MID_SIZED)
 
 
 @FUZZ
