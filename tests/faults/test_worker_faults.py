@@ -89,6 +89,51 @@ def test_replace_loses_only_the_tasks_running_in_killed_workers(tmp_path):
         assert stats.workers_replaced >= own_deaths + len(lost_to_killer)
 
 
+def test_round_trips_from_two_threads_while_workers_are_killed(tmp_path):
+    """Round trips take the callers' shortcuts (a task handed to an idle worker, its reply
+    read in the caller, the worker resting between calls): killed at random meanwhile, a
+    worker costs at most the task it was running, no task starts twice, nothing hangs."""
+    import threading
+    seed = random.randrange(1 << 32)
+    log = str(tmp_path / "starts")
+    outcomes = {}
+    with ForkExchangeExecutor(2, on_worker_death="replace") as ex:
+        assert ex.submit(square, 3).result(timeout=SETTLE_WITHIN) == 9
+
+        def caller(base):
+            for i in range(base, base + 400):
+                future = ex.submit(square_slowly, i, 0, log)
+                try:
+                    outcomes[i] = future.result(timeout=SETTLE_WITHIN)
+                except BaseException as exc:  # noqa: B902 - judged below
+                    outcomes[i] = exc
+
+        killer = Killer(seed, pause=(0.005, 0.03), limit=25)
+        callers = [threading.Thread(target=caller, args=(k * 1000,)) for k in range(2)]
+        killer.start()
+        try:
+            for t in callers:
+                t.start()
+            for t in callers:
+                t.join(SETTLE_WITHIN * 2)
+        finally:
+            killer.stop()
+        assert not any(t.is_alive() for t in callers), "a round trip hung (seed %d)" % seed
+        killed = set(killer.killed)
+        started = read_starts(log)
+        for i, outcome in outcomes.items():
+            if isinstance(outcome, WorkerDiedError):
+                assert outcome.pid in killed, (i, outcome, seed)
+            else:
+                assert outcome == i * i, (i, outcome, seed)
+        starts = collections.Counter(i for i, _pid in started)
+        assert starts and max(starts.values()) == 1, [i for i, n in starts.items() if n > 1]
+        assert len(outcomes) == 800
+        assert len(killed) >= 3, "the killer found too few workers to kill: %r" % killed
+        assert [ex.submit(square, i).result(timeout=SETTLE_WITHIN) for i in range(10)] == \
+            [i * i for i in range(10)]
+
+
 def test_replace_a_worker_killed_while_idle_costs_no_task(tmp_path):
     log = str(tmp_path / "starts")
     with ForkExchangeExecutor(2, on_worker_death="replace") as ex:
