@@ -23,7 +23,7 @@ import time
 
 from . import _fork
 from ._protocol import Control, marks_bytes, recv_record, send_record
-from ._worker import load_libc, worker_main
+from ._worker import load_libc, worker_main, worker_process
 from .exchange import Poller
 
 #: On EXIT, workers that have not exited after this long are killed.
@@ -117,6 +117,10 @@ class Template:
             end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
         self.serial += 1
         try:
+            process = worker_process(child_end, slot, self.serial, self.config, self.marks)
+        except Exception as exc:  # noqa: B902 - a custom Process class failed: the worker
+            process = exc         # raises it, as it would have made it itself
+        try:
             pid = _fork.fork()
         except OSError as exc:
             parent_end.close()
@@ -130,8 +134,8 @@ class Template:
                 if fd is not None:
                     os.close(fd)
             self.poller.close()
-            worker_main(child_end, slot, self.serial, self.config, self.marks,
-                        self.parent_sentinel, self.pid)
+            worker_main(process, self.parent_sentinel, self.pid)
+        del process   # the worker's own, not the template's
         child_end.close()
         pidfd = None
         if self.use_pidfd:

@@ -482,7 +482,7 @@ def process_identity(_=None):
     return {"pid": os.getpid(), "ppid": os.getppid(), "name": current.name,
             "parent_pid": None if parent is None else parent.pid,
             "parent_alive": None if parent is None else parent.is_alive(),
-            "guard_ran": guard_ran}
+            "guard_ran": guard_ran, "identity": list(current._identity)}
 
 
 def register_finalizer(directory):

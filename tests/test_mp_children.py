@@ -141,6 +141,9 @@ def test_workers_know_they_are_children_of_the_program(make, tmp_path):
         assert identity["parent_alive"] is True
     names = {s["pid"]: s["name"] for s in seen}
     assert len(set(names.values())) == len(names), "two workers share a name: %r" % names
+    # Each its own multiprocessing identity (what names child processes it starts itself).
+    identities = {s["pid"]: tuple(s["identity"]) for s in seen}
+    assert len(set(identities.values())) == len(identities), identities
 
 
 def test_getppid_is_the_template_but_parent_process_is_the_program(make):
