@@ -52,7 +52,8 @@ def load_libc():
     try:
         import ctypes
         _libc = ctypes.CDLL(None)
-    except (ImportError, OSError):
+        _libc.prctl   # looked up (and cached) once here, not in every fresh worker
+    except (ImportError, OSError, AttributeError):
         _libc = None
 
 
