@@ -22,7 +22,7 @@ from . import _fork
 from ._caller_shortcuts import hand_off, helped_wait, reclaim, reclaim_all
 from ._completion import ABANDONED, FAST, cancel, fail, requeue, settle_results, start_running
 from ._death_policy import DeathPolicy
-from ._protocol import Batch, InitFailed, Results, Retiring, WorkerError
+from ._protocol import Batch, InitFailed, Results, Retiring, WorkerError, from_wire, to_wire
 from ._scheduler import CostModel, Scheduler
 from ._shared import WakeUp
 from ._stats import PoolTimes
@@ -217,8 +217,9 @@ class ExchangeLoop:
         self.shared.running += len(batch)
         channel = worker.channel
         timed = batch[0].timeout is not None and self.control.sent(worker, batch)
-        channel.queue(encode(Batch([(item.task_id, item.kind, _wrap_blob(item.blob))
-                                    for item in batch], give_back_after, timed)))
+        channel.queue(encode(to_wire(Batch(
+            [(item.task_id, item.kind, _wrap_blob(item.blob)) for item in batch],
+            give_back_after, timed))))
         try:
             done = channel.flush_nowait()
         except ChannelBroken:
@@ -251,7 +252,7 @@ class ExchangeLoop:
 
     def take_messages(self, worker):
         for frame in worker.channel.pop_frames():
-            msg = pickle.loads(frame.payload, buffers=frame.buffers)
+            msg = from_wire(pickle.loads(frame.payload, buffers=frame.buffers))
             kind = type(msg)
             if kind is Results:
                 self.on_results(worker, msg)

@@ -27,7 +27,7 @@ from concurrent.futures import Future
 
 from ._completion import ABANDONED, cancel
 from ._death_policy import Decision, describe
-from ._protocol import MARKS_PER_SLOT, RETIRE, started_at_index
+from ._protocol import MARKS_PER_SLOT, RETIRE, started_at_index, to_wire
 from .errors import TaskTimeout, WorkerDiedError, describe_status
 from .wire import encode
 
@@ -241,7 +241,7 @@ class TaskControl:
         _no_more_work(worker)
         channel = worker.channel
         if not channel.closed:
-            channel.queue(encode(RETIRE))
+            channel.queue(encode(to_wire(RETIRE)))
             try:
                 channel.flush_nowait()
             except Exception:  # noqa: B902 - it died: its exit report follows

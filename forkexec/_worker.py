@@ -24,7 +24,7 @@ from multiprocessing import util as mp_util
 
 from . import _fork, _lifecycle
 from ._protocol import (MARKS_PER_SLOT, InitFailed, Kind, Results, Retiring, Status,
-                        WorkerError, started_at_index)
+                        WorkerError, from_wire, started_at_index, to_wire)
 from .channel import Channel
 from .errors import ChannelBroken, RemoteFailure, add_note
 from .wire import OUT_OF_BAND_MIN
@@ -254,7 +254,7 @@ def _run(sock, slot, config, marks):
         try:
             config.initializer(*config.initargs)
         except BaseException as exc:  # noqa: B902
-            channel.send(InitFailed(_dump_failure(exc)))
+            channel.send(to_wire(InitFailed(_dump_failure(exc))))
             raise SystemExit(1)
     try:
         _serve(channel, slot, config.max_tasks, marks, config.max_memory)
@@ -262,7 +262,7 @@ def _run(sock, slot, config, marks):
         pass
     except BaseException:  # noqa: B902 - tell the parent, then exit with the traceback
         try:
-            channel.send(WorkerError(traceback.format_exc()))
+            channel.send(to_wire(WorkerError(traceback.format_exc())))
         except BaseException:  # noqa: B902
             pass
         raise
@@ -276,7 +276,7 @@ def _serve(channel, slot, max_tasks, marks, max_memory=None):
     clock = time.monotonic
     memory_checked = clock()
     while max_tasks is None or done < max_tasks:
-        tasks, give_back_after, timed = channel.receive()
+        tasks, give_back_after, timed = from_wire(channel.receive())
         if tasks is None:   # the parent retires us (idle, or after our Retiring)
             return
         results = []
@@ -304,18 +304,18 @@ def _serve(channel, slot, max_tasks, marks, max_memory=None):
             if give_back_after is not None and now - begin > give_back_after:
                 # The batch runs far longer than estimated: return what has not started.
                 _fork.flush_stdio()
-                channel.send(Results(True, results, [t[0] for t in tasks[i + 1:]]))
+                channel.send(to_wire(Results(True, results, [t[0] for t in tasks[i + 1:]])))
                 if _give_back_queued(channel):
                     return
                 results = None
                 break
             if now - last_flush > FLUSH_EVERY:
-                channel.send(Results(False, results, ()))
+                channel.send(to_wire(Results(False, results, ())))
                 results = []
                 last_flush = now
         if results is not None:
             _fork.flush_stdio()
-            channel.send(Results(True, results, ()))
+            channel.send(to_wire(Results(True, results, ())))
             if give_back_after is not None and clock() - begin > give_back_after:
                 if _give_back_queued(channel):   # what was queued behind it expected us
                     return                       # sooner
@@ -325,10 +325,10 @@ def _give_back_queued(channel):
     """Return, unstarted, the batches already sent to us behind the current one; True
     if the parent told us to exit meanwhile."""
     while channel.poll(0):
-        batch = channel.receive()
+        batch = from_wire(channel.receive())
         if batch.tasks is None:
             return True
-        channel.send(Results(True, [], [t[0] for t in batch.tasks]))
+        channel.send(to_wire(Results(True, [], [t[0] for t in batch.tasks])))
     return False
 
 
@@ -336,10 +336,10 @@ def _retire(channel, results, unstarted, reason):
     """Stop taking tasks: send the results so far, give back what has not started, say
     why, and give back whatever else comes until the parent says to exit."""
     _fork.flush_stdio()
-    channel.send(Results(True, results, unstarted))
-    channel.send(Retiring(reason))
+    channel.send(to_wire(Results(True, results, unstarted)))
+    channel.send(to_wire(Retiring(reason)))
     while True:
-        batch = channel.receive()
+        batch = from_wire(channel.receive())
         if batch.tasks is None:
             return
-        channel.send(Results(True, [], [t[0] for t in batch.tasks]))
+        channel.send(to_wire(Results(True, [], [t[0] for t in batch.tasks])))

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from forkexec import wire
 from forkexec._protocol import (
-    MARKS_PER_SLOT, NO_TASK, Batch, Control, ControlRecord, InitFailed, Kind, Results,
-    Status, WorkerError, recv_record, send_record)
+    MARKS_PER_SLOT, NO_TASK, RETIRE, Batch, Control, ControlRecord, InitFailed, Kind, Results,
+    Retiring, Status, WorkerError, from_wire, recv_record, send_record, to_wire)
 
 PROPERTY = settings(max_examples=100, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow,
@@ -209,6 +209,22 @@ def test_messages_pickle_round_trip(message):
 def test_messages_wire_round_trip(message):
     back = through_wire(message)
     assert back == message and type(back) is type(message)
+
+
+@pytest.mark.parametrize("message", MESSAGES + [RETIRE, Retiring("memory")],
+                         ids=lambda m: type(m).__name__)
+def test_records_travel_as_plain_tuples_and_come_back_named(message):
+    sent = to_wire(message)
+    assert type(sent) is tuple
+    payload, _ = wire.dumps(sent)
+    assert b"_protocol" not in payload, "the record's class travels by name"
+    back = from_wire(through_wire(sent))
+    assert back == message and type(back) is type(message)
+
+
+@pytest.mark.parametrize("garbage", [None, 7, (), (99, 1), (0, 1), "text", (1, 2, 3, 4, 5)])
+def test_a_message_that_is_no_record_reads_as_none(garbage):
+    assert from_wire(garbage) is None
 
 
 def test_a_batch_with_a_large_blob_out_of_band():

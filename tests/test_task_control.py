@@ -232,7 +232,7 @@ def test_the_limit_counts_from_the_start_time_the_worker_wrote():
 
 
 def test_a_worker_is_retired_after_idle_timeout_of_idleness_only():
-    from forkexec._protocol import RETIRE
+    from forkexec._protocol import RETIRE, to_wire
     from forkexec.wire import encode
     clock = [10.0]
     control, table, worker, link, marks = control_with_worker(clock, idle_timeout=5.0)
@@ -245,5 +245,5 @@ def test_a_worker_is_retired_after_idle_timeout_of_idleness_only():
     assert worker.channel.frames == []
     clock[0] = 18.0
     control.check(table)
-    assert worker.channel.frames == [encode(RETIRE)] and worker.stop == ("idle", None)
+    assert worker.channel.frames == [encode(to_wire(RETIRE))] and worker.stop == ("idle", None)
     assert link.killed == []   # asked to exit (it runs its finalizer), not killed

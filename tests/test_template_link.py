@@ -28,7 +28,7 @@ import executor_helpers as h
 from conftest import descendants, parent_of, reap_orphans, state_of
 from forkexec import Channel, ChannelBroken
 from forkexec._calls import call_blob
-from forkexec._protocol import NO_TASK, Batch, Control, Kind, Results, Status
+from forkexec._protocol import NO_TASK, Batch, Control, Kind, Results, Status, from_wire, to_wire
 from forkexec._template import EXIT_GRACE
 from forkexec._template_link import PREFORK, TemplateLink
 from forkexec._worker import WorkerConfig
@@ -126,15 +126,15 @@ class Link:
     @staticmethod
     def send(channel, *calls, give_back_after=None):
         """Send one batch of ``(task_id, fn, args)`` calls."""
-        channel.send(Batch([(task_id, Kind.CALL, call_blob(fn, args, {}))
-                            for task_id, fn, args in calls], give_back_after))
+        channel.send(to_wire(Batch([(task_id, Kind.CALL, call_blob(fn, args, {}))
+                                    for task_id, fn, args in calls], give_back_after)))
 
     @staticmethod
     def results(channel, count, timeout=10.0):
         """{task_id: ("ok", value) | ("failed", exception)} of the next ``count`` tasks."""
         found = {}
         while len(found) < count:
-            message = channel.receive(timeout=timeout)
+            message = from_wire(channel.receive(timeout=timeout))
             assert type(message) is Results, message
             assert not message.returned, message
             for task_id, status, value, _seconds in message.entries:
