@@ -244,6 +244,7 @@ def _run(sock, slot, config, marks):
         try:
             config.initializer(*config.initargs)
         except BaseException as exc:  # noqa: B902
+            _log_init_failure()
             channel.send(InitFailed(_dump_failure(exc)))
             raise SystemExit(1)
     try:
@@ -257,6 +258,18 @@ def _run(sock, slot, config, marks):
             pass
         raise
     _lifecycle.finalize(config)
+
+
+def _log_init_failure():
+    """Log the initializer's exception in the worker, as the standard executor's workers
+    do: a CRITICAL record "Exception in initializer:" with the traceback on the
+    "concurrent.futures" logger (so, with no logging set up, on stderr)."""
+    try:
+        import logging
+        logging.getLogger("concurrent.futures").critical("Exception in initializer:",
+                                                         exc_info=True)
+    except BaseException:  # noqa: B902 - a broken handler must not hide the failure
+        pass
 
 
 def _serve(channel, slot, max_tasks, marks, max_memory=None):
