@@ -61,6 +61,17 @@ def raise_runtime_error():
     raise RuntimeError(123)
 
 
+# -- what a task's exception carries -------------------------------------------------------
+def test_remote_traceback_is_the_stdlib_kind(make):
+    future = make(1).submit(raise_runtime_error)
+    with pytest.raises(RuntimeError) as info:
+        future.result(timeout=PROMPTLY)
+    assert info.value.args == (123,)
+    cause = info.value.__cause__
+    assert isinstance(cause, _RemoteTraceback)
+    assert "raise RuntimeError(123)" in cause.tb
+
+
 # -- a failing initializer is logged, like the stdlib's workers do ----------------------------
 def test_failing_initializer_is_logged_on_the_concurrent_futures_logger(kind):
     ctx = multiprocessing.get_context(CONTEXTS[kind])
