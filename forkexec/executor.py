@@ -419,8 +419,21 @@ class ForkExchangeExecutor(Executor):
     @property
     def _processes(self):
         """``{pid: handle}`` of the live workers, like ``ProcessPoolExecutor._processes``
-        (test suites reach for it): handles offer pid, is_alive, join, terminate and kill."""
-        return {pid: WorkerHandle(pid) for pid in frozenset(self._shared.worker_pids)}
+        (test suites reach for it): handles offer pid, is_alive, join, terminate and kill.
+
+        The standard executor starts the processes a submit needs before ``submit``
+        returns; ours are forked by the exchange thread just after. So that
+        ``ex.submit(...); ex._processes`` sees the worker that will run the task, this
+        waits (at most ``PROCESSES_WAIT`` seconds) while queued work still waits for a
+        worker the pool is allowed to start."""
+        shared = self._shared
+        deadline = time.monotonic() + PROCESSES_WAIT
+        while shared.pending and len(shared.worker_pids) < self._max_workers and \
+                shared.thread is not None and not shared.closed and \
+                shared.broken is None and shared.owner_pid == os.getpid() and \
+                time.monotonic() < deadline:
+            time.sleep(0.002)
+        return {pid: WorkerHandle(pid) for pid in frozenset(shared.worker_pids)}
 
     def __repr__(self):
         shared = self._shared
@@ -463,6 +476,9 @@ class WorkerHandle:
         except ProcessLookupError:
             pass
 
+
+#: How long ``_processes`` waits for the workers that queued work is about to get.
+PROCESSES_WAIT = 5.0
 
 #: Descriptors the parent needs besides one per worker: wake-up pipe, control socket,
 #: epoll, and room for the template's fork and a worker being replaced.

@@ -61,6 +61,42 @@ def raise_runtime_error():
     raise RuntimeError(123)
 
 
+# -- _processes right after submit (CPython's test_killed_child) ---------------------------
+def test_processes_right_after_submit_shows_the_worker_and_killing_it_breaks_the_pool(
+        make, gate):
+    ex = make(5)
+    future = ex.submit(h.wait_for_gate, gate)
+    handles = list(ex._processes.values())   # no sleep, no waiting for the task to start
+    assert handles, "no worker in _processes right after submit"
+    assert all(p.is_alive() for p in handles)
+    for p in handles:
+        p.terminate()
+    with pytest.raises(BrokenProcessPool):
+        future.result(timeout=PROMPTLY)
+    with pytest.raises(BrokenProcessPool):
+        ex.submit(pow, 2, 8)
+
+
+def test_processes_counts_the_workers_a_burst_of_blocked_tasks_needs(make, gate):
+    # CPython's test_saturation with tasks that can be sent (a gate, not a Semaphore).
+    ex = make(3)
+    futures = [ex.submit(h.wait_for_gate, gate) for _ in range(12)]
+    assert len(ex._processes) == 3
+    open(gate, "w").close()
+    assert [f.result(timeout=PROMPTLY) for f in futures] == [None] * 12
+
+
+def test_processes_does_not_wait_on_an_idle_or_shut_down_pool(make):
+    ex = make(2)
+    assert ex._processes == {}   # never started: at once, no worker
+    assert ex.submit(h.square, 3).result(timeout=PROMPTLY) == 9
+    t0 = time.monotonic()
+    ex._processes
+    ex.shutdown(wait=True)
+    assert not ex._processes   # the stdlib's is None then, ours {}
+    assert time.monotonic() - t0 < 3.0
+
+
 # -- what a task's exception carries -------------------------------------------------------
 def test_remote_traceback_is_the_stdlib_kind(make):
     future = make(1).submit(raise_runtime_error)
