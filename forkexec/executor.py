@@ -123,8 +123,9 @@ def _handed_off(shared):
 
 
 def _start_method(mp_context):
-    """``(template_context, process_class)``: None to fork the template from this process
-    (the fork start method), else the context that starts it as a fresh interpreter."""
+    """``(template_context, process_class, context)``: None to fork the template from this
+    process (the fork start method), else the context that starts it as a fresh
+    interpreter; ``context`` is the one given, or the default chosen."""
     if mp_context is None:
         # The program's explicit choice (set_start_method), else fork: our default.
         method = multiprocessing.get_start_method(allow_none=True) or "fork"
@@ -133,7 +134,7 @@ def _start_method(mp_context):
     if get_method is None:
         raise TypeError("mp_context must be a multiprocessing context, not %r" % (mp_context,))
     method = get_method()
-    return (None if method == "fork" else mp_context), mp_context.Process
+    return (None if method == "fork" else mp_context), mp_context.Process, mp_context
 
 
 class ForkExchangeExecutor(Executor):
@@ -157,7 +158,10 @@ class ForkExchangeExecutor(Executor):
             raise TypeError("max_workers must be an integer, not %r" % (max_workers,))
         elif max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
-        self._template_context, self._process_class = _start_method(mp_context)
+        # _mp_context, like the standard executor's: the context given, or the default
+        # chosen (code reads it to make matching Queues, Events and Managers).
+        self._template_context, self._process_class, self._mp_context = \
+            _start_method(mp_context)
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
         if max_tasks_per_child is not None:
@@ -434,6 +438,20 @@ class ForkExchangeExecutor(Executor):
                 time.monotonic() < deadline:
             time.sleep(0.002)
         return {pid: WorkerHandle(pid) for pid in frozenset(shared.worker_pids)}
+
+    # -- more of ProcessPoolExecutor's private attributes that other code reads ------------
+    @property
+    def _executor_manager_thread(self):
+        """The thread that runs the pool (None before the first submit), like the standard
+        executor's: it ends once the pool has shut down and every worker is gone."""
+        return self._shared.thread
+
+    @property
+    def _broken(self):
+        """False, or the message of the error that broke the pool (like the standard
+        executor's ``_broken``)."""
+        broken = self._shared.broken
+        return False if broken is None else (str(broken) or type(broken).__name__)
 
     def __repr__(self):
         shared = self._shared

@@ -97,6 +97,49 @@ def test_processes_does_not_wait_on_an_idle_or_shut_down_pool(make):
     assert time.monotonic() - t0 < 3.0
 
 
+# -- other private attributes code reads -----------------------------------------------------
+def test_executor_manager_thread_is_joinable_after_shutdown_without_wait(make):
+    ex = make(2)
+    assert ex._executor_manager_thread is None   # nothing submitted yet
+    results = ex.map(abs, range(-5, 5))
+    thread = ex._executor_manager_thread
+    processes = ex._processes
+    ex.shutdown(wait=False)
+    thread.join(PROMPTLY)
+    assert not thread.is_alive()
+    for p in processes.values():
+        p.join(PROMPTLY)
+        assert not p.is_alive()
+    assert list(results) == [5, 4, 3, 2, 1, 0, 1, 2, 3, 4]
+
+
+def test_broken_is_false_then_says_why(make):
+    ex = make(1, initializer=h.failing_initializer)
+    assert ex._broken is False
+    with pytest.raises(BrokenProcessPool):
+        ex.submit(h.square, 2).result(timeout=PROMPTLY)
+    h.wait_until(lambda: ex._broken, PROMPTLY, "the pool to be marked broken")
+    assert isinstance(ex._broken, str) and ex._broken
+    with pytest.raises(BrokenProcessPool):
+        ex.submit(h.square, 3)
+
+
+def test_mp_context_is_the_context_given(kind):
+    ctx = multiprocessing.get_context(CONTEXTS[kind])
+    cls = concurrent.futures.ProcessPoolExecutor if kind == "stdlib" else ForkExchangeExecutor
+    ex = cls(1, mp_context=ctx)
+    try:
+        assert ex._mp_context is ctx
+    finally:
+        ex.shutdown()
+
+
+def test_mp_context_defaults_to_a_context():
+    ex = ForkExchangeExecutor(1)
+    assert ex._mp_context.get_start_method() in ("fork", "spawn", "forkserver")
+    ex.shutdown()
+
+
 # -- what a task's exception carries -------------------------------------------------------
 def test_remote_traceback_is_the_stdlib_kind(make):
     future = make(1).submit(raise_runtime_error)
