@@ -12,7 +12,9 @@ import logging
 import logging.handlers
 import multiprocessing
 import queue
+import threading
 import time
+import weakref
 from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 
 import pytest
@@ -138,6 +140,29 @@ def test_mp_context_defaults_to_a_context():
     ex = ForkExchangeExecutor(1)
     assert ex._mp_context.get_start_method() in ("fork", "spawn", "forkserver")
     ex.shutdown()
+
+
+# -- a discarded future's task lets go of its references (CPython's test_no_stale_references)
+class Owner:
+    def method(self):
+        return None
+
+
+def test_a_discarded_future_on_a_warm_pool_lets_go_of_its_task(make):
+    """On an idle, warm pool a submit may hand its task straight to a resting worker and
+    leave the reply for the future's caller to read; a caller that never asks must not
+    leave the reply (and the task's references) stranded."""
+    ex = make(2)
+    for _ in range(3):
+        assert ex.submit(h.square, 3).result(timeout=PROMPTLY) == 9
+        time.sleep(0.05)   # the exchange thread goes back to sleep: the hand-off path
+        owner = Owner()
+        collected = threading.Event()
+        ref = weakref.ref(owner, lambda _: collected.set())
+        ex.submit(owner.method)   # the future is dropped at once
+        del owner
+        assert collected.wait(10), "the task's references outlived it"
+        assert ref() is None
 
 
 # -- what a task's exception carries -------------------------------------------------------
