@@ -431,12 +431,22 @@ class ForkExchangeExecutor(Executor):
         waits (at most ``PROCESSES_WAIT`` seconds) while queued work still waits for a
         worker the pool is allowed to start."""
         shared = self._shared
-        deadline = time.monotonic() + PROCESSES_WAIT
+        now = time.monotonic()
+        deadline, held_since = now + PROCESSES_WAIT, None
         while shared.pending and len(shared.worker_pids) < self._max_workers and \
                 shared.thread is not None and not shared.closed and \
                 shared.broken is None and shared.owner_pid == os.getpid() and \
-                time.monotonic() < deadline:
+                now < deadline and shared.thread is not threading.current_thread():
+            # A done-callback run by a caller reading its own reply holds loop_lock while
+            # the exchange thread waits for it: it could never fork for us, so do not wait.
+            if shared.sleeping and shared.loop_lock.locked():
+                held_since = now if held_since is None else held_since
+                if now - held_since > 0.05:
+                    break
+            else:
+                held_since = None
             time.sleep(0.002)
+            now = time.monotonic()
         return {pid: WorkerHandle(pid) for pid in frozenset(shared.worker_pids)}
 
     # -- more of ProcessPoolExecutor's private attributes that other code reads ------------

@@ -99,6 +99,27 @@ def test_processes_does_not_wait_on_an_idle_or_shut_down_pool(make):
     assert time.monotonic() - t0 < 3.0
 
 
+def test_processes_read_in_a_done_callback_does_not_stall(make):
+    # Our callbacks run on the exchange thread (or a caller holding it up): _processes
+    # must not wait there for a fork only that thread could do.
+    ex = make(2)
+    seen = []
+
+    def callback(_future):
+        more = ex.submit(h.square, 4)
+        t0 = time.monotonic()
+        processes = ex._processes
+        seen.append((time.monotonic() - t0, len(processes), more))
+
+    first = ex.submit(h.sleep_and_return, 0.2, 1)
+    first.add_done_callback(callback)
+    assert first.result(timeout=PROMPTLY) == 1
+    h.wait_until(lambda: seen, PROMPTLY, "the callback")
+    spent, count, more = seen[0]
+    assert spent < 1.0 and count >= 1
+    assert more.result(timeout=PROMPTLY) == 16
+
+
 # -- other private attributes code reads -----------------------------------------------------
 def test_executor_manager_thread_is_joinable_after_shutdown_without_wait(make):
     ex = make(2)
