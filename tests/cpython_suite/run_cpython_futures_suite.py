@@ -20,6 +20,9 @@ interpreter (``from concurrent.futures import ForkExchangeExecutor``) find it th
 ``site/sitecustomize.py``, put on their PYTHONPATH. Only the process-pool test classes
 run (the thread-pool ones do not involve us).
 
+Failures listed in KNOWN (with why) are reported as "known"; the run exits 1 only for
+others (or, with ``--stdlib``, for any).
+
 Each (module, start method) pair runs in a child process; every test is bounded by a
 faulthandler watchdog (``--per-test-timeout``). A test that hangs ends its child with a
 traceback; the driver records it as HANG and runs the rest of that pair again without it.
@@ -40,6 +43,53 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 MODULES = ("test_process_pool", "test_shutdown", "test_wait", "test_as_completed",
            "test_deadlock", "test_init")
 METHODS = ("fork", "forkserver", "spawn")
+#: Failures we know and accept, by test method: (category, reason[, start methods]). "private": the test
+#: reads ProcessPoolExecutor internals we do not have (or relies on how it starts its
+#: processes); "deliberate": forkexec differs on purpose (README, *Deliberate differences*).
+#: Anything else failing is new and makes the run fail.
+KNOWN = {
+    "test_max_tasks_per_child": (
+        "deliberate", "fork: the stdlib refuses max_tasks_per_child with fork (ValueError); "
+        "ours forks workers from a single-threaded template, so it works", ("fork",)),
+    "test_max_tasks_per_child_defaults_to_spawn_context": (
+        "deliberate", "the stdlib switches its default context to spawn when "
+        "max_tasks_per_child is given; ours keeps the program's default (fork works)"),
+    "test_saturation": (
+        "private", "counts _processes right after 15*max_workers submits of a fork-context "
+        "Semaphore's acquire, which cannot be pickled: the stdlib has started its processes "
+        "inside submit anyway, our submit fails those futures at once and starts none"),
+    "test_processes_terminate": (
+        "private", "same: a local function cannot be pickled, so our pool starts no "
+        "process; the stdlib pre-starts max_workers (fork) or one per submit"),
+    "test_traceback": (
+        "private", "checks type(exc.__cause__) is concurrent.futures.process._RemoteTraceback; "
+        "ours is forkexec.RemoteTraceback, a subclass of it"),
+    "test_python_finalization_error": (
+        "private", "makes the stdlib's second internal thread (the call queue's feeder) "
+        "fail to start; ours starts only one thread, so the map runs (and mul((2, 3)) "
+        "raises TypeError)"),
+    "test_del_shutdown": (
+        "private", "reads _call_queue (the stdlib's multiprocessing call queue) to "
+        "join_thread() it; we have no call queue"),
+    "test_shutdown_no_wait": ("private", "reads _call_queue, as test_del_shutdown"),
+    "test_cancel_futures": (
+        "deliberate", "a queued task stays cancellable until a worker starts it; the stdlib "
+        "marks up to max_workers + 1 queued tasks running at once, so right after 50 "
+        "submits its shutdown(cancel_futures=True) always lets some run, ours may cancel "
+        "all"),
+    "test_error_at_task_unpickle": (
+        "deliberate", "a task that cannot be unpickled in the worker fails only its future "
+        "with the unpickling error (the stdlib breaks the pool)"),
+    "test_exit_at_task_unpickle": (
+        "deliberate", "as test_error_at_task_unpickle: SystemExit from unpickling fails only "
+        "the future"),
+    "test_error_during_result_unpickle_in_result_handler": (
+        "deliberate", "a result that cannot be unpickled in the parent fails only its future "
+        "(the stdlib breaks the pool)"),
+    "test_exit_during_result_unpickle_in_result_handler": (
+        "deliberate", "as above, with SystemExit"),
+}
+
 CLASS_PREFIX = {"fork": "ProcessPoolFork", "forkserver": "ProcessPoolForkserver",
                 "spawn": "ProcessPoolSpawn"}
 
@@ -245,6 +295,13 @@ def main():
                 "%s=%d" % kv for kv in line.items()), res.get("seconds")), flush=True)
             for key in ("failed", "errors", "hung"):
                 for test_id, tb in res.get(key, ()):
+                    known = KNOWN.get(test_id.rsplit(".", 1)[-1])
+                    if known and key != "hung" and (len(known) < 3 or method in known[2]):
+                        counts[method, "known"] += 1
+                        print("    known  %s: %s: %s" % (test_id.rsplit(".", 2)[-1],
+                                                        known[0], known[1][:110]), flush=True)
+                        continue
+                    counts[method, "unexpected"] += 1
                     last = [ln for ln in tb.strip().splitlines() if ln.strip()][-1:]
                     print("    %-6s %s: %s" % (key.upper(), test_id, last[0][:200] if last
                                                else ""), flush=True)
@@ -252,12 +309,15 @@ def main():
     for method in args.methods.split(","):
         print("%-10s %s" % (method, " ".join("%s=%d" % (k, counts[method, k]) for k in
                                              ("passed", "failed", "errors", "hung",
-                                              "skipped"))))
+                                              "skipped", "known", "unexpected"))))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(outcome, f, indent=1)
-    bad = sum(counts[m, k] for m in args.methods.split(",")
-              for k in ("failed", "errors", "hung"))
+    if args.stdlib:   # the oracle itself: every failure counts
+        bad = sum(counts[m, k] for m in args.methods.split(",")
+                  for k in ("failed", "errors", "hung"))
+    else:
+        bad = sum(counts[m, "unexpected"] for m in args.methods.split(","))
     return 1 if bad else 0
 
 
