@@ -36,6 +36,9 @@ from .wire import OUT_OF_BAND_MIN, encode
 
 #: terminate_workers(): workers still alive this long after SIGTERM are killed.
 TERMINATE_GRACE = 3.0
+#: While it has workers, the exchange thread wakes at least this often, to read a reply
+#: lent to a future nobody waits on (its task's references go, its future completes).
+STRANDED_REPLY_TICK = 0.5
 _LOGGER = logging.getLogger("forkexec")
 
 
@@ -167,6 +170,10 @@ class ExchangeLoop:
                 shared.kill_requests or (shared.pending and self.can_act()) else wake
             if self.link.backlog and not self.link.flush():
                 timeout = 0.001 if timeout is None else timeout   # until the socket drains
+            if timeout is None and self.table.workers:
+                # A caller may lend a worker to a future while we sleep and then never ask
+                # for its result (a future discarded): take the reply back now and then.
+                timeout = STRANDED_REPLY_TICK
             lock.release()
             try:
                 events = poller.wait(timeout)

@@ -254,6 +254,7 @@ def _run(sock, slot, config, marks):
         try:
             config.initializer(*config.initargs)
         except BaseException as exc:  # noqa: B902
+            _log_init_failure()
             channel.send(to_wire(InitFailed(_dump_failure(exc))))
             raise SystemExit(1)
     try:
@@ -267,6 +268,30 @@ def _run(sock, slot, config, marks):
             pass
         raise
     _lifecycle.finalize(config)
+
+
+#: How long a worker whose initializer failed may spend flushing (its multiprocessing
+#: queues' feeders) before it reports the failure, and the parent kills it.
+INIT_FAILURE_FLUSH = 5.0
+
+
+def _log_init_failure():
+    """Log the initializer's exception in the worker, as the standard executor's workers
+    do: a CRITICAL record "Exception in initializer:" with the traceback on the
+    "concurrent.futures" logger (so, with no logging set up, on stderr). Then run the
+    worker's multiprocessing finalizers, as its exit would, which flushes a
+    ``multiprocessing.Queue`` (the QueueHandler logging recipe) before the parent, told
+    of the failure, kills the worker; bounded, a queue nobody reads cannot hold it."""
+    try:
+        import logging
+        logging.getLogger("concurrent.futures").critical("Exception in initializer:",
+                                                         exc_info=True)
+        import threading
+        flush = threading.Thread(target=mp_util._run_finalizers, daemon=True)
+        flush.start()
+        flush.join(INIT_FAILURE_FLUSH)
+    except BaseException:  # noqa: B902 - a broken handler must not hide the failure
+        pass
 
 
 def _serve(channel, slot, max_tasks, marks, max_memory=None):

@@ -8,7 +8,7 @@ went away. The executor's failures subclass the standard library's
 import errno
 import os
 import signal
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 
 
 class ChannelError(Exception):
@@ -47,8 +47,11 @@ class ProtocolError(ChannelError):
     """A frame on the wire was truncated, oversized or garbled."""
 
 
-class RemoteTraceback(Exception):
-    """The traceback text of an exception raised in another process."""
+class RemoteTraceback(_RemoteTraceback):
+    """The traceback text of an exception raised in another process.
+
+    A subclass of the standard executor's ``_RemoteTraceback`` (the ``__cause__`` of a
+    task's exception there), so code that checks for that one finds ours too."""
 
     def __init__(self, tb):
         super().__init__(tb)

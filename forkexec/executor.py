@@ -123,8 +123,9 @@ def _handed_off(shared):
 
 
 def _start_method(mp_context):
-    """``(template_context, process_class)``: None to fork the template from this process
-    (the fork start method), else the context that starts it as a fresh interpreter."""
+    """``(template_context, process_class, context)``: None to fork the template from this
+    process (the fork start method), else the context that starts it as a fresh
+    interpreter; ``context`` is the one given, or the default chosen."""
     if mp_context is None:
         # The program's explicit choice (set_start_method), else fork: our default.
         method = multiprocessing.get_start_method(allow_none=True) or "fork"
@@ -133,7 +134,7 @@ def _start_method(mp_context):
     if get_method is None:
         raise TypeError("mp_context must be a multiprocessing context, not %r" % (mp_context,))
     method = get_method()
-    return (None if method == "fork" else mp_context), mp_context.Process
+    return (None if method == "fork" else mp_context), mp_context.Process, mp_context
 
 
 class ForkExchangeExecutor(Executor):
@@ -157,7 +158,10 @@ class ForkExchangeExecutor(Executor):
             raise TypeError("max_workers must be an integer, not %r" % (max_workers,))
         elif max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
-        self._template_context, self._process_class = _start_method(mp_context)
+        # _mp_context, like the standard executor's: the context given, or the default
+        # chosen (code reads it to make matching Queues, Events and Managers).
+        self._template_context, self._process_class, self._mp_context = \
+            _start_method(mp_context)
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
         if max_tasks_per_child is not None:
@@ -419,8 +423,45 @@ class ForkExchangeExecutor(Executor):
     @property
     def _processes(self):
         """``{pid: handle}`` of the live workers, like ``ProcessPoolExecutor._processes``
-        (test suites reach for it): handles offer pid, is_alive, join, terminate and kill."""
-        return {pid: WorkerHandle(pid) for pid in frozenset(self._shared.worker_pids)}
+        (test suites reach for it): handles offer pid, is_alive, join, terminate and kill.
+
+        The standard executor starts the processes a submit needs before ``submit``
+        returns; ours are forked by the exchange thread just after. So that
+        ``ex.submit(...); ex._processes`` sees the worker that will run the task, this
+        waits (at most ``PROCESSES_WAIT`` seconds) while queued work still waits for a
+        worker the pool is allowed to start."""
+        shared = self._shared
+        now = time.monotonic()
+        deadline, held_since = now + PROCESSES_WAIT, None
+        while shared.pending and len(shared.worker_pids) < self._max_workers and \
+                shared.thread is not None and not shared.closed and \
+                shared.broken is None and shared.owner_pid == os.getpid() and \
+                now < deadline and shared.thread is not threading.current_thread():
+            # A done-callback run by a caller reading its own reply holds loop_lock while
+            # the exchange thread waits for it: it could never fork for us, so do not wait.
+            if shared.sleeping and shared.loop_lock.locked():
+                held_since = now if held_since is None else held_since
+                if now - held_since > 0.05:
+                    break
+            else:
+                held_since = None
+            time.sleep(0.002)
+            now = time.monotonic()
+        return {pid: WorkerHandle(pid) for pid in frozenset(shared.worker_pids)}
+
+    # -- more of ProcessPoolExecutor's private attributes that other code reads ------------
+    @property
+    def _executor_manager_thread(self):
+        """The thread that runs the pool (None before the first submit), like the standard
+        executor's: it ends once the pool has shut down and every worker is gone."""
+        return self._shared.thread
+
+    @property
+    def _broken(self):
+        """False, or the message of the error that broke the pool (like the standard
+        executor's ``_broken``)."""
+        broken = self._shared.broken
+        return False if broken is None else (str(broken) or type(broken).__name__)
 
     def __repr__(self):
         shared = self._shared
@@ -463,6 +504,9 @@ class WorkerHandle:
         except ProcessLookupError:
             pass
 
+
+#: How long ``_processes`` waits for the workers that queued work is about to get.
+PROCESSES_WAIT = 5.0
 
 #: Descriptors the parent needs besides one per worker: wake-up pipe, control socket,
 #: epoll, and room for the template's fork and a worker being replaced.
