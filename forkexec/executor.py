@@ -42,7 +42,6 @@ import os
 import signal
 import sys
 import threading
-import time
 import weakref
 from concurrent.futures import Executor
 
@@ -55,6 +54,7 @@ from ._map_results import map_results
 from ._protocol import Kind
 from ._shared import Shared, WorkItem
 from ._stats import statistics_fields
+from ._stdlib_attrs import live_processes
 from ._task_control import call_arguments, kill_task
 from ._template_link import TEMPLATE_EXIT_TIMEOUT
 from ._worker import WorkerConfig, run_chunk
@@ -423,31 +423,8 @@ class ForkExchangeExecutor(Executor):
     @property
     def _processes(self):
         """``{pid: handle}`` of the live workers, like ``ProcessPoolExecutor._processes``
-        (test suites reach for it): handles offer pid, is_alive, join, terminate and kill.
-
-        The standard executor starts the processes a submit needs before ``submit``
-        returns; ours are forked by the exchange thread just after. So that
-        ``ex.submit(...); ex._processes`` sees the worker that will run the task, this
-        waits (at most ``PROCESSES_WAIT`` seconds) while queued work still waits for a
-        worker the pool is allowed to start."""
-        shared = self._shared
-        now = time.monotonic()
-        deadline, held_since = now + PROCESSES_WAIT, None
-        while shared.pending and len(shared.worker_pids) < self._max_workers and \
-                shared.thread is not None and not shared.closed and \
-                shared.broken is None and shared.owner_pid == os.getpid() and \
-                now < deadline and shared.thread is not threading.current_thread():
-            # A done-callback run by a caller reading its own reply holds loop_lock while
-            # the exchange thread waits for it: it could never fork for us, so do not wait.
-            if shared.sleeping and shared.loop_lock.locked():
-                held_since = now if held_since is None else held_since
-                if now - held_since > 0.05:
-                    break
-            else:
-                held_since = None
-            time.sleep(0.002)
-            now = time.monotonic()
-        return {pid: WorkerHandle(pid) for pid in frozenset(shared.worker_pids)}
+        (test suites reach for it): see :func:`forkexec._stdlib_attrs.live_processes`."""
+        return live_processes(self._shared, self._max_workers)
 
     # -- more of ProcessPoolExecutor's private attributes that other code reads ------------
     @property
@@ -469,44 +446,6 @@ class ForkExchangeExecutor(Executor):
                  else "running" if shared.thread is not None else "idle")
         return "<ForkExchangeExecutor max_workers=%d %s>" % (self._max_workers, state)
 
-
-class WorkerHandle:
-    """A worker seen from the parent (it is the template's child, not ours)."""
-
-    def __init__(self, pid):
-        self.pid = pid
-
-    def __repr__(self):
-        return "<WorkerHandle pid=%d %s>" % (self.pid, "alive" if self.is_alive() else "gone")
-
-    def is_alive(self):
-        try:
-            with open("/proc/%d/stat" % self.pid, "rb") as f:
-                data = f.read()
-        except OSError:
-            return False
-        return data[data.rindex(b")") + 2:][:1] not in (b"Z", b"X")
-
-    def join(self, timeout=None):
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.is_alive() and (deadline is None or time.monotonic() < deadline):
-            time.sleep(0.005)
-
-    def terminate(self):
-        self._signal(signal.SIGTERM)
-
-    def kill(self):
-        self._signal(signal.SIGKILL)
-
-    def _signal(self, signum):
-        try:
-            os.kill(self.pid, signum)
-        except ProcessLookupError:
-            pass
-
-
-#: How long ``_processes`` waits for the workers that queued work is about to get.
-PROCESSES_WAIT = 5.0
 
 #: Descriptors the parent needs besides one per worker: wake-up pipe, control socket,
 #: epoll, and room for the template's fork and a worker being replaced.
