@@ -21,12 +21,16 @@ TIMEOUT = 60
 #: A line of stderr that reports an exception (a traceback's last line, or a REPL's
 #: SyntaxError, which has no "Traceback" header).
 ERROR_LINE = re.compile(r"^\s*(\w+\.)*\w*(Error|Exception|Interrupt|Exit)\b.*$", re.MULTILINE)
-#: Dask's own INFO record, with a traceback, of a comm it found closed while its in-process
-#: cluster shut down (seen with distributed 2024.8 on Python 3.9, now and then): noise of the
-#: cluster's teardown, not a failure of the README's code, which had finished.
+#: Noise of an in-process Dask cluster's teardown, not a failure of the README's code, which
+#: had finished: Dask's own INFO record, with a traceback, of a comm it found closed (seen
+#: with distributed 2024.8 on Python 3.9, now and then), and asyncio's report, at the exit of
+#: ``python -i``, of a comm timeout of Dask's that nobody retrieved (3.11, now and then).
 DASK_TEARDOWN_NOISE = re.compile(
     r"[\d-]{10} [\d:,]+ - distributed\.[\w.]+ - INFO - [^\n]*\n(?:[^\n]*\n)*?"
-    r"distributed\.comm\.core\.CommClosedError\n")
+    r"distributed\.comm\.core\.CommClosedError\n"
+    r"|Future exception was never retrieved\n"
+    r"future: <Future finished exception=TimeoutError\('Timeout'\)>\n"
+    r"(?:Traceback[^\n]*\n(?:[ \t][^\n]*\n)*)?(?:[\w.]+\.)?TimeoutError: Timeout\n")
 
 
 def python_blocks(path=README):
