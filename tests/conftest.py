@@ -227,3 +227,22 @@ def executors():
     yield factory
     for ex in created:
         ex.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture
+def make(kind, executors):
+    """make(*args, **kwargs) -> an executor of the module's ``kind`` (a fixture each module
+    parametrizes with its own kinds), shut down after the test."""
+    def factory(*args, **kwargs):
+        return executors(kind, *args, **kwargs)
+
+    factory.kind = kind
+    return factory
+
+
+@pytest.fixture
+def gate(tmp_path):
+    """A gate file that blocked tasks wait on; always opened at the end of the test."""
+    path = str(tmp_path / "gate")
+    yield path
+    open(path, "w").close()

@@ -34,22 +34,6 @@ def kind(request):
     return request.param
 
 
-@pytest.fixture
-def make(kind, executors):
-    def factory(*args, **kwargs):
-        return executors(kind, *args, **kwargs)
-
-    factory.kind = kind
-    return factory
-
-
-@pytest.fixture
-def gate(tmp_path):
-    path = str(tmp_path / "gate")
-    yield path
-    open(path, "w").close()
-
-
 def init_fail_logging_to(log_queue):
     """CPython's test_init.init_fail: log the concurrent.futures logger to a queue, fail."""
     logger = logging.getLogger("concurrent.futures")

@@ -36,24 +36,6 @@ def kind(request):
     return request.param
 
 
-@pytest.fixture
-def make(kind, executors):
-    """make(*args, **kwargs) -> an executor of this kind, shut down after the test."""
-    def factory(*args, **kwargs):
-        return executors(kind, *args, **kwargs)
-
-    factory.kind = kind
-    return factory
-
-
-@pytest.fixture
-def gate(tmp_path):
-    """A gate file that blocked tasks wait on; always opened at the end of the test."""
-    path = str(tmp_path / "gate")
-    yield path
-    open(path, "w").close()
-
-
 def open_gate(path):
     open(path, "w").close()
 

@@ -30,13 +30,6 @@ pytestmark = pytest.mark.timeout(90)
 PROMPTLY = 5.0
 
 
-@pytest.fixture
-def gate(tmp_path):
-    path = str(tmp_path / "gate")
-    yield path
-    open(path, "w").close()
-
-
 def exchange_threads():
     return [t for t in threading.enumerate() if t.name == "forkexec-exchange" and t.is_alive()]
 

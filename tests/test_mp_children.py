@@ -33,16 +33,6 @@ def kind(request):
     return request.param
 
 
-@pytest.fixture
-def make(kind, executors):
-    """make(*args, **kwargs) -> an executor of this kind, shut down after the test."""
-    def factory(*args, **kwargs):
-        return executors(kind, *args, **kwargs)
-
-    factory.kind = kind
-    return factory
-
-
 def run_json(script, **values):
     """Run ``script`` (with ``values`` bound as upper-case names) in a fresh interpreter;
     the last line it prints, as JSON."""
