@@ -38,6 +38,9 @@ from .exchange import Poller
 #: thread: longer tasks gain nothing from the shortcut.
 HELP_SECONDS = 0.005
 LENT, READING = 1, 2   # Worker.watched: lent to a future; its caller is reading it now
+#: The caller's first read takes up to this much (a small result's reply); the rest, if any,
+#: is read under the lock.
+FIRST_READ = 1 << 12
 
 
 def hand_off(loop):
@@ -142,9 +145,8 @@ def helped_wait(loop, worker, future, timeout):
             reclaim(loop, worker)
             return 0.0
         worker.watched = READING
-        fd = worker.channel.fileno()
     try:
-        _read_reply(loop, worker, future, fd, started + budget)
+        _read_reply(loop, worker, future, started + budget, budget >= HELP_SECONDS)
     except BaseException:   # a Ctrl-C while waiting: the exchange thread reads on
         with lock:
             if worker.watched == READING:
@@ -154,33 +156,47 @@ def helped_wait(loop, worker, future, timeout):
     return time.monotonic() - started
 
 
-def _read_reply(loop, worker, future, fd, deadline):
+def _read_reply(loop, worker, future, deadline, whole_budget):
+    """Wait for the reply outside ``loop_lock``, take it in under the lock. The first wait
+    is one blocking ``recv`` (its socket's receive timeout is ``HELP_SECONDS``: the whole
+    budget), later ones poll until ``deadline``. Until this thread hands the worker back,
+    nobody else reads it: its exit, if reported meanwhile, waits (_worker_events)."""
     lock = loop.shared.loop_lock
-    readable = True   # look first: the reply is often there already (the worker ran
-    while True:       # while this thread was sending)
-        if not readable:
-            readable = _wait_readable(fd, max(0.0, deadline - time.monotonic()))
+    channel = worker.channel
+    fd = channel.fileno()
+    first = whole_budget
+    while True:
+        if first:
+            first = False
+            data = channel.recv_waiting(FIRST_READ)
+            more = data is not None and len(data) == FIRST_READ
+        else:
+            data = None
+            more = _wait_readable(fd, max(0.0, deadline - time.monotonic()))
         with lock:
-            channel = worker.channel
-            if channel.closed or loop.shared.closed:   # it died and was closed meanwhile
+            if channel.closed or loop.shared.closed:   # the pool ended meanwhile
                 reclaim(loop, worker)
                 return
-            if readable:
+            if data is not None:
+                channel.feed(data)
+            if more:
                 channel.read_nowait()
-                loop.take_messages(worker)
+            loop.take_messages(worker)
             if future._state == FINISHED or channel.at_eof or time.monotonic() >= deadline:
                 _rest_or_reclaim(loop, worker)
                 if loop.shared.pending and loop.shared.sleeping:
                     loop.shared.wake()   # work the worker may take now
                 return
-        readable = False
 
 
 def _rest_or_reclaim(loop, worker):
     """The reader is done: an idle worker with nothing to report rests (stays out of the
     poll set, see the module's docstring); any other goes back to the exchange thread."""
     channel = worker.channel
-    if worker.tasks or worker.retiring or worker.writing or channel.at_eof or \
+    if worker.exit_status is not None:   # it exited while we read: the thread judges it
+        reclaim(loop, worker)
+        loop.shared.wake()
+    elif worker.tasks or worker.retiring or worker.writing or channel.at_eof or \
             channel.has_message() or loop.control.busy:
         reclaim(loop, worker)
     else:

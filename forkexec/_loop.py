@@ -28,7 +28,7 @@ from ._shared import WakeUp
 from ._stats import PoolTimes
 from ._task_control import MEMORY, TaskControl
 from ._template_link import TemplateLink
-from ._worker_events import on_control
+from ._worker_events import on_control, on_deferred_exits
 from ._worker_table import WorkerTable
 from .errors import ChannelBroken
 from .exchange import Poller
@@ -61,6 +61,7 @@ class ExchangeLoop:
         self.policy = DeathPolicy(policy)
         self.in_hand = []          # items off the queue, not yet recorded with a worker
         self.lent = set()          # workers lent to a caller's future (_caller_shortcuts)
+        self.exits_waiting = []    # workers that exited while a caller was reading them
         self.thread_ident = None
         self.idle_timeout = idle_timeout
         self.control = None        # TaskControl: timeouts, kill_task, idle workers
@@ -153,6 +154,8 @@ class ExchangeLoop:
         while True:
             if self.lent:
                 reclaim_all(self)
+            if self.exits_waiting:
+                on_deferred_exits(self)
             if shared.kill_signal is not None:
                 self.kill_workers()
             if shared.cancel_requested:

@@ -9,8 +9,10 @@ The template's own death breaks the pool.
 
 import errno
 import socket
+import struct
 from concurrent.futures.process import BrokenProcessPool
 
+from ._caller_shortcuts import HELP_SECONDS, READING
 from ._completion import requeue, set_exception
 from ._protocol import Control
 from .channel import Channel
@@ -29,7 +31,14 @@ def on_control(loop):
             _on_spawned(loop, record.a, record.b, record.fd)
         elif record.kind == Control.EXITED:
             worker = loop.table.by_pid.get(record.a)   # None: its channel never came
-            if worker is not None:
+            if worker is None:
+                continue
+            if worker.watched == READING:
+                # A caller is reading its last replies outside loop_lock: judged once
+                # the caller hands it back (it wakes us), so no reply is read twice or lost.
+                worker.exit_status = record.b
+                loop.exits_waiting.append(worker)
+            else:
                 _on_exited(loop, worker, record.b)
         elif record.kind == Control.SPAWN_FAILED:
             loop.table.start_failed(record.a)
@@ -44,11 +53,29 @@ def _on_spawned(loop, slot, pid, fd):
             "could not take the channel of a new worker process: %s"
             % describe_errno(errno.EMFILE)))
         return
-    channel = Channel(pid, socket.socket(fileno=fd), reapable=False)
+    channel = Channel(pid, _caller_readable(socket.socket(fileno=fd)), reapable=False)
     worker = loop.table.born(slot, pid, channel, loop.max_tasks)
     loop.times.worker_born(worker)
     loop.shared.worker_pids.add(pid)
     loop.poller.register(channel.fileno(), Poller.READ, worker)
+
+
+def _caller_readable(sock):
+    """A worker's channel socket with a receive timeout of ``HELP_SECONDS``: a caller
+    thread reading its reply waits in a single blocking ``recv`` (Channel sockets block at
+    the descriptor; the exchange thread's every call passes MSG_DONTWAIT)."""
+    seconds = int(HELP_SECONDS)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack(
+        "ll", seconds, int((HELP_SECONDS - seconds) * 1e6)))
+    return sock
+
+
+def on_deferred_exits(loop):
+    """Judge the exits put off while a caller was reading the worker (see on_control)."""
+    for worker in list(loop.exits_waiting):
+        if worker.watched != READING:
+            loop.exits_waiting.remove(worker)
+            _on_exited(loop, worker, worker.exit_status)
 
 
 def _on_exited(loop, worker, status):

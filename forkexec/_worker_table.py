@@ -17,7 +17,7 @@ class Worker(WorkerLoad):
     """One live worker, seen from the exchange thread."""
 
     __slots__ = ("slot", "pid", "channel", "writing", "error", "lent_to", "stop",
-                 "idle_since", "idle_mark")
+                 "idle_since", "idle_mark", "exit_status")
 
     def __init__(self, slot, pid, channel, budget):
         super().__init__(budget)
@@ -30,6 +30,7 @@ class Worker(WorkerLoad):
         self.stop = None         # (reason, item) once stopped on purpose (_task_control)
         self.idle_since = None   # when it was first seen idle (idle_timeout only)
         self.idle_mark = None    # its finished mark then
+        self.exit_status = None  # reported while a caller was reading it (_worker_events)
 
 
 #: status: raw wait status; running: the item it was running, or None; lost: items that

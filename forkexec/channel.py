@@ -61,6 +61,9 @@ class Channel:
 
     def __init__(self, pid, sock, max_frame=DEFAULT_MAX_FRAME, reapable=None):
         self.pid = pid
+        # Blocking at the descriptor, whatever socket.setdefaulttimeout() says: waits go
+        # through poll or a blocking recv, non-blocking calls pass MSG_DONTWAIT.
+        sock.settimeout(None)
         self._sock = sock
         # The fd, or -1 once closed, so a use after close is an error, not a recycled fd.
         self._fd = sock.fileno()
@@ -247,6 +250,42 @@ class Channel:
         if self._watcher is not None and decoder.has_frames():
             self._watcher.add(self)
         return n
+
+    def recv_waiting(self, size):
+        """Block for what the peer sends next, for at most the socket's receive timeout
+        (``SO_RCVTIMEO``), without touching the decoder, so that another thread may own
+        the channel meanwhile; hand the result to :meth:`feed` under that owner's lock.
+        Returns the bytes, b"" at EOF, or None if nothing came (or the channel was closed
+        meanwhile). Reads once, so the caller thread waits in one system call."""
+        sock = self._sock
+        if sock is None:
+            return None
+        try:
+            return sock.recv(size)
+        except ConnectionResetError:
+            return b""
+        except OSError:   # timed out (EAGAIN), or closed by the owner meanwhile (EBADF)
+            return None
+
+    def feed(self, data):
+        """Take ``data`` from :meth:`recv_waiting` as if this channel had read it."""
+        self._check_open()
+        if not data:
+            self._eof = True
+            if self._watcher is not None:
+                self._watcher.add(self)
+            return
+        decoder = self._decoder
+        data = memoryview(data)
+        while data:
+            target = decoder.read_target()
+            n = min(len(target), len(data))
+            target[:n] = data[:n]
+            del target
+            decoder.commit(n)
+            data = data[n:]
+        if self._watcher is not None and decoder.has_frames():
+            self._watcher.add(self)
 
     def report_buffered_to(self, watcher):
         """Add this channel to the set ``watcher`` whenever a read leaves a message
