@@ -217,6 +217,37 @@ def test_round_trips_under_max_tasks_per_child_each_get_a_fresh_worker():
     assert len(set(pids)) == 6, pids
 
 
+
+def test_a_worker_exiting_while_its_caller_reads_the_reply_loses_nothing(monkeypatch):
+    """result() waits for the reply in a blocking recv outside the loop's lock. A worker
+    that exits right after replying (max_tasks_per_child=1) is reported meanwhile: its
+    exit is judged only once the caller has taken the reply in, so the result arrives
+    instead of being reported lost with the worker."""
+    from forkexec import _worker_events
+    from forkexec.channel import Channel
+    original_recv, original_exited = Channel.recv_waiting, _worker_events._on_exited
+    deferred = []
+
+    def slow_handover(self, size):
+        data = original_recv(self, size)
+        time.sleep(0.2)   # the worker exits and its exit report arrives meanwhile
+        return data
+
+    def recording(loop, worker, status):
+        deferred.append(worker.exit_status is not None)
+        return original_exited(loop, worker, status)
+
+    monkeypatch.setattr(_worker_events, "_on_exited", recording)
+    with ForkExchangeExecutor(1, max_tasks_per_child=1) as ex:
+        ex.submit(h.square, 0).result(timeout=PROMPTLY)
+        monkeypatch.setattr(Channel, "recv_waiting", slow_handover)
+        results = []
+        for i in range(1, 5):
+            time.sleep(0.1)   # the replacement worker is up and idle: a round trip's path
+            results.append(ex.submit(h.square, i).result(timeout=PROMPTLY))
+    assert results == [1, 4, 9, 16]
+    assert any(deferred), "no worker exited while its caller was reading the reply"
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_callback_added_to_a_handed_off_future_runs_once(executors, kind):
     ex = executors(kind, 2)

@@ -403,3 +403,43 @@ def test_parent_atexit_handlers_never_run_in_children():
     lines = result.stdout.splitlines()
     parent = lines[0].split()[1]
     assert lines == ["parent " + parent, "atexit in " + parent]
+
+
+def test_bytes_taken_by_recv_waiting_and_fed_back_make_the_same_messages():
+    """recv_waiting() reads for a thread that does not own the channel's decoder; feed()
+    hands the bytes over. Messages of every size survive the split; a quiet socket gives
+    None after its receive timeout, a closed peer b"" (EOF)."""
+    import socket
+    import struct
+    left, right = socket.socketpair()
+    reader = forkexec.Channel(1, left, reapable=False)
+    writer = forkexec.Channel(1, right, reapable=False)
+
+    def timeout(seconds):
+        left.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                        struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))
+
+    messages = [b"", b"x", b"y" * 5000, bytes(range(256)) * 1200, ("a", 1, None)]
+    sender = threading.Thread(target=writer.send_many, args=(messages,))
+    sender.start()
+    timeout(10)
+    got = []
+    try:
+        while len(got) < len(messages):
+            data = reader.recv_waiting(4096)
+            assert data, "the peer is writing: neither a timeout nor EOF"
+            assert len(data) <= 4096
+            reader.feed(data)
+            while reader.has_message():
+                got.append(reader.receive())
+    finally:
+        sender.join()
+    assert got == messages
+    timeout(0.05)
+    assert reader.recv_waiting(4096) is None
+    writer.close()
+    assert reader.recv_waiting(4096) == b""
+    reader.feed(b"")
+    assert reader.at_eof
+    reader.close()
+    assert reader.recv_waiting(4096) is None

@@ -391,3 +391,21 @@ def test_garbage_collected_executor_without_shutdown_goes_away(kind):
     gc.collect()
     h.wait_until(lambda: not descendants() and threading.active_count() == threads_before, 15,
                  "the collected executor's processes and threads to exit")
+
+
+def test_a_program_wide_socket_timeout_changes_nothing(make):
+    """Programs that use the network often call ``socket.setdefaulttimeout()``. The pool's
+    own sockets must not inherit it: idle workers outlive it, and results that take longer
+    than it still arrive (the standard executor, on pipes, is the oracle)."""
+    import socket
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(0.05)
+    try:
+        ex = make(2)
+        assert [ex.submit(h.square, i).result(timeout=30) for i in range(5)] == \
+            [0, 1, 4, 9, 16]
+        time.sleep(0.3)   # idle for several timeouts
+        assert ex.submit(h.sleep_and_return, 0.3, "late").result(timeout=30) == "late"
+        assert list(ex.map(h.sleep_and_return, [0.3, 0.01], ["a", "b"])) == ["a", "b"]
+    finally:
+        socket.setdefaulttimeout(previous)
