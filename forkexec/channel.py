@@ -276,14 +276,7 @@ class Channel:
                 self._watcher.add(self)
             return
         decoder = self._decoder
-        data = memoryview(data)
-        while data:
-            target = decoder.read_target()
-            n = min(len(target), len(data))
-            target[:n] = data[:n]
-            del target
-            decoder.commit(n)
-            data = data[n:]
+        decoder.feed(data)
         if self._watcher is not None and decoder.has_frames():
             self._watcher.add(self)
 
